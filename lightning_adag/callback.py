@@ -1,0 +1,123 @@
+"""The worker-side hook: window schedule, commit and pull, the center for validation, and ``adag/`` metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+
+
+class ADAGCallback(Callback):
+    """Counts each worker's local optimizer steps and commits every ``window`` of them.
+
+    A window counts optimizer steps (so ``accumulate_grad_batches`` is respected); with manual optimization it
+    counts training batches. The last, partial window of a run is committed with its own step count. During
+    ``fit``, validation runs on the center: every worker pulls the same center (between two barriers, so no commit
+    slips in) and gets its own parameters back when training resumes. Logged on every worker, shown in the progress
+    bar, flushed to loggers by rank 0: ``adag/staleness`` and ``adag/commit_ms`` (means since the last log),
+    ``adag/commits`` (this worker's) and ``adag/clock`` (the server's).
+
+    :class:`~lightning_adag.ADAGStrategy` adds one when the Trainer has none.
+    """
+
+    def __init__(self) -> None:
+        self.commits = 0
+        self.restored_clock = 0
+        self._strategy = None
+        self._steps_in_window = 0
+        self._last_global_step = 0
+        self._since_log = _Means()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_adag.strategy import ADAGStrategy
+
+        if not isinstance(trainer.strategy, ADAGStrategy):
+            raise TypeError(
+                f"ADAGCallback needs Trainer(strategy='adag') or an ADAGStrategy, got {type(trainer.strategy).__name__}"
+            )
+        self._strategy = trainer.strategy
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._steps_in_window = 0
+        self._last_global_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        trainer.strategy.worker.resume_window()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if pl_module.automatic_optimization:
+            self._steps_in_window += trainer.global_step - self._last_global_step
+            self._last_global_step = trainer.global_step
+        else:
+            self._steps_in_window += 1
+        if self._steps_in_window >= trainer.strategy.algorithm.window:
+            self._commit(trainer)
+        self._log(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # outside fit the model already holds the center (pulled in the strategy's setup)
+        trainer.strategy.barrier("adag_show_center")
+        trainer.strategy.worker.show_center()
+        trainer.strategy.barrier("adag_center_shown")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Commit the last partial window, wait for every worker's, and leave the final center in the model."""
+        if self._steps_in_window:
+            self._commit(trainer)
+        trainer.strategy.barrier("adag_final_commits")
+        trainer.strategy.worker.reset_to_center()
+        trainer.strategy.barrier("adag_final_pull")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The clock of the center that the strategy put in the same checkpoint."""
+        return {"clock": self._strategy.checkpoint_clock if self._strategy else self.restored_clock}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.restored_clock = int(state_dict.get("clock", 0))
+
+    def _commit(self, trainer: pl.Trainer) -> None:
+        start = time.perf_counter()
+        receipt = trainer.strategy.worker.commit(self._steps_in_window)
+        self._since_log.add(receipt.staleness, (time.perf_counter() - start) * 1e3)
+        self.commits += 1
+        self._steps_in_window = 0
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._since_log.count:
+            return
+        staleness, latency = self._since_log.means()
+        metrics = {
+            "adag/staleness": staleness,
+            "adag/commit_ms": latency,
+            "adag/commits": float(self.commits),
+            "adag/clock": float(trainer.strategy.worker.pulled_clock),
+        }
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=name in _PROGRESS_BAR)
+        # Lightning hands step metrics to the loggers only every `log_every_n_steps`: average over that interval.
+        if trainer._logger_connector.should_update_logs:
+            self._since_log = _Means()
+
+
+_PROGRESS_BAR = ("adag/staleness", "adag/commits")
+
+
+class _Means:
+    def __init__(self) -> None:
+        self.count = 0
+        self._staleness = 0.0
+        self._latency = 0.0
+
+    def add(self, staleness: int, latency_ms: float) -> None:
+        self.count += 1
+        self._staleness += staleness
+        self._latency += latency_ms
+
+    def means(self) -> tuple[float, float]:
+        return self._staleness / self.count, self._latency / self.count

@@ -1,0 +1,107 @@
+"""The part of a model that workers share, laid out as one contiguous vector."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a worker and the server must agree on before they exchange vectors.
+
+    ``numel`` elements in all; the first ``trainable`` belong to trainable parameters (the region the algorithm
+    updates), the rest to frozen parameters and floating-point buffers (the region carried by value).
+    ``digest`` hashes the names, shapes and dtype, so two models with equal sizes but different shapes do not mix.
+    """
+
+    numel: int
+    trainable: int
+    dtype: torch.dtype
+    digest: str
+
+    def to_json(self) -> dict:
+        return {"numel": self.numel, "trainable": self.trainable, "dtype": str(self.dtype), "digest": self.digest}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Layout:
+        dtype = getattr(torch, str(data["dtype"]).removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"unsupported dtype {data['dtype']!r}")
+        numel, trainable = int(data["numel"]), int(data["trainable"])
+        if not 0 < trainable <= numel:
+            raise ValueError(f"invalid layout sizes numel={numel} trainable={trainable}")
+        return cls(numel=numel, trainable=trainable, dtype=dtype, digest=str(data["digest"]))
+
+
+def shared_tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
+    """The tensors that travel, in layout order: trainable parameters, then frozen floating-point parameters and
+    floating-point buffers. Integer buffers (``num_batches_tracked``) stay local to each worker."""
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad and p.is_floating_point()]
+    buffers = [(n, b) for n, b in module.named_buffers() if b.is_floating_point()]
+    return trainable + frozen + buffers
+
+
+def check_shareable(module: nn.Module) -> None:
+    """Raise a ``ValueError`` that says what to change when ``module`` cannot be laid out as one flat vector."""
+    tensors = shared_tensors(module)
+    if not any(p.requires_grad for p in module.parameters()):
+        raise ValueError(
+            f"{type(module).__name__} has no trainable parameters: ADAG trains parameters with requires_grad=True."
+            " Create the layers in __init__ (or configure_model) and do not freeze all of them."
+        )
+    dtypes = {t.dtype for _, t in tensors}
+    if len(dtypes) > 1:
+        by_dtype = {str(d): [n for n, t in tensors if t.dtype == d][:3] for d in dtypes}
+        raise ValueError(
+            f"ADAG keeps the shared model state in one flat buffer of a single dtype, but the parameters and"
+            f" floating-point buffers have several dtypes: {by_dtype}. Cast the module to one dtype"
+            " (for example with a `precision=` setting of the Trainer)."
+        )
+    devices = {t.device for _, t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"ADAG needs the whole model on one device, found {sorted(map(str, devices))}.")
+
+
+class FlatState:
+    """Every shared tensor of a module becomes a view into ``vector``.
+
+    A commit or a pull then moves ``vector`` with a single copy, and the optimizer keeps working on the same
+    ``Parameter`` objects (only their storage changes). Build it after the module reached its device: moving the
+    module afterwards would give each parameter its own storage again.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        check_shareable(module)
+        tensors = shared_tensors(module)
+        self.names = [name for name, _ in tensors]
+        self.trainable = sum(t.numel() for _, t in tensors if isinstance(t, nn.Parameter) and t.requires_grad)
+        first = tensors[0][1]
+        self.vector = torch.empty(sum(t.numel() for _, t in tensors), dtype=first.dtype, device=first.device)
+        self._slices: list[tuple[int, int, torch.Size]] = []
+        offset = 0
+        for _, tensor in tensors:
+            end = offset + tensor.numel()
+            view = self.vector[offset:end].view_as(tensor)
+            view.copy_(tensor.detach())
+            tensor.data = view
+            self._slices.append((offset, end, tensor.shape))
+            offset = end
+        self.layout = Layout(self.vector.numel(), self.trainable, self.vector.dtype, _digest(tensors))
+
+    @property
+    def trainable_region(self) -> Tensor:
+        return self.vector[: self.trainable]
+
+    def state_dict_entries(self, vector: Tensor) -> dict[str, Tensor]:
+        """Name -> tensor views of ``vector``, a vector with this layout (for example a pulled center)."""
+        return {name: vector[a:b].view(shape) for name, (a, b, shape) in zip(self.names, self._slices)}
+
+
+def _digest(tensors: list[tuple[str, Tensor]]) -> str:
+    text = ";".join(f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in tensors)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]

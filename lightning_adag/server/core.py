@@ -1,0 +1,156 @@
+"""The center variable, its clock, and the one place where commits are applied."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_adag.algorithms import Algorithm, server_rule
+from lightning_adag.flat import Layout
+
+
+class LayoutMismatchError(ValueError):
+    """A worker's model does not have the layout of the model the server holds."""
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The server's answer to a commit or a pull: the clock of the center it handed back, and the commit's
+    staleness (commits applied between the worker's last pull and this commit; 0 for a pull)."""
+
+    clock: int
+    staleness: int = 0
+
+
+@dataclass
+class WorkerRecord:
+    """What the server saw of one worker, for statistics and the asynchrony tests."""
+
+    commits: int = 0
+    staleness_sum: int = 0
+    max_staleness: int = 0
+    first_commit: float | None = None
+    last_commit: float | None = None
+
+    def to_json(self) -> dict:
+        mean = self.staleness_sum / self.commits if self.commits else 0.0
+        return {
+            "commits": self.commits,
+            "mean_staleness": mean,
+            "max_staleness": self.max_staleness,
+            "first_commit": self.first_commit,
+            "last_commit": self.last_commit,
+        }
+
+
+class ServerCore:
+    """Holds the center ``C`` and the clock (number of commits applied).
+
+    Every read and write of the center happens under one lock, so no pull ever sees half a commit, whatever
+    transport delivered it. The first worker fixes the layout and the algorithm; later ones must agree.
+    ``allocate(numel, dtype)`` supplies the center's storage (the shared-memory transport keeps it in a segment).
+    """
+
+    def __init__(self, allocate: Callable[[int, torch.dtype], Tensor] | None = None) -> None:
+        self._allocate = allocate or (lambda numel, dtype: torch.zeros(numel, dtype=dtype))
+        self._lock = threading.Lock()
+        self.layout: Layout | None = None
+        self.algorithm: Algorithm | None = None
+        self.algorithm_spec: dict | None = None
+        self.center: Tensor | None = None
+        self.clock = 0
+        self.initialized = False
+        self.workers: dict[int, WorkerRecord] = {}
+
+    def configure(self, layout: Layout, algorithm_spec: dict) -> None:
+        """Accept a worker's layout and algorithm: the first one defines them, later ones must agree."""
+        with self._lock:
+            if self.layout is None:
+                algorithm = server_rule(algorithm_spec)
+                self.center = self._allocate(layout.numel, layout.dtype)
+                self.layout, self.algorithm, self.algorithm_spec = layout, algorithm, dict(algorithm_spec)
+                return
+            if layout != self.layout:
+                raise LayoutMismatchError(
+                    f"model layout mismatch: the server holds a model of {self.layout.numel} elements"
+                    f" ({self.layout.trainable} trainable, {self.layout.dtype}, digest {self.layout.digest}), this"
+                    f" worker has {layout.numel} ({layout.trainable} trainable, {layout.dtype}, digest"
+                    f" {layout.digest}). Every worker must build the same model."
+                )
+            if algorithm_spec.get("name") != self.algorithm_spec.get("name"):
+                raise LayoutMismatchError(
+                    f"algorithm mismatch: the server runs {self.algorithm_spec.get('name')!r}, this worker asks for"
+                    f" {algorithm_spec.get('name')!r}"
+                )
+
+    def initialize(self, values: Tensor, clock: int) -> Receipt:
+        """Set the center to ``values`` at ``clock`` unless it already holds one; either way, return its clock."""
+        if clock < 0:
+            raise ValueError(f"clock must be >= 0, got {clock}")
+        with self._lock:
+            self._require_layout()
+            if not self.initialized:
+                self.center.copy_(values)
+                self.clock = clock
+                self.initialized = True
+            return Receipt(self.clock)
+
+    def commit(self, worker: int, delta: Tensor, pulled_clock: int, out: Tensor | None = None) -> Receipt:
+        """Apply one commit atomically, then (when ``out`` is given) copy the new center into ``out``.
+
+        ``delta``'s trainable region goes through the algorithm's rule; the rest (frozen parameters and
+        floating-point buffers) replaces the center's, so running statistics travel from worker to worker.
+        """
+        with self._lock:
+            self._require_initialized()
+            if not 0 <= pulled_clock <= self.clock:
+                raise ValueError(f"pulled clock {pulled_clock} is outside [0, {self.clock}]")
+            staleness = self.clock - pulled_clock
+            trainable = self.layout.trainable
+            self.algorithm.server_apply(self.center[:trainable], delta[:trainable], staleness)
+            self.center[trainable:].copy_(delta[trainable:])
+            self.clock += 1
+            self._record(worker, staleness)
+            if out is not None:
+                out.copy_(self.center)
+            return Receipt(self.clock, staleness)
+
+    def read(self, out: Tensor) -> Receipt:
+        """Copy a consistent snapshot of the center into ``out``."""
+        with self._lock:
+            self._require_initialized()
+            out.copy_(self.center)
+            return Receipt(self.clock)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "clock": self.clock,
+                "initialized": self.initialized,
+                "layout": self.layout.to_json() if self.layout else None,
+                "algorithm": self.algorithm_spec,
+                "workers": {str(rank): record.to_json() for rank, record in sorted(self.workers.items())},
+            }
+
+    def _record(self, worker: int, staleness: int) -> None:
+        record = self.workers.setdefault(worker, WorkerRecord())
+        now = time.time()
+        record.commits += 1
+        record.staleness_sum += staleness
+        record.max_staleness = max(record.max_staleness, staleness)
+        record.first_commit = record.first_commit or now
+        record.last_commit = now
+
+    def _require_layout(self) -> None:
+        if self.layout is None:
+            raise RuntimeError("no worker has said hello yet: the server does not know the model's layout")
+
+    def _require_initialized(self) -> None:
+        self._require_layout()
+        if not self.initialized:
+            raise RuntimeError("the center is not initialized: the first worker must send INIT before commits")

@@ -1,0 +1,106 @@
+"""Starting and stopping the server process that a training run owns."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lightning_adag.transports import shm
+
+
+class ServerProcess:
+    """A parameter server child process, owned by the process that started it.
+
+    The server gets the read end of a pipe (the lifeline) and stops by itself when it reaches end-of-file, so it
+    never outlives its owner, even one killed with SIGKILL. It runs in its own session so that a Ctrl+C in the
+    terminal reaches the training processes, which then stop it in order, rather than the server first.
+    """
+
+    def __init__(self, process: subprocess.Popen, address: str, run_dir: Path, shm_prefix: str, lifeline: int):
+        self.process = process
+        self.address = address
+        self._run_dir = run_dir
+        self._shm_prefix = shm_prefix
+        self._lifeline = lifeline
+
+    @classmethod
+    def start(cls, log_level: str = "WARNING", timeout: float = 60.0) -> ServerProcess:
+        run_dir = Path(tempfile.mkdtemp(prefix="adag-"))
+        shm_prefix = f"adag-{os.getpid()}-{secrets.token_hex(4)}"
+        lifeline_read, lifeline_write = os.pipe()
+        ready_read, ready_write = os.pipe()
+        command = [
+            sys.executable, "-m", "lightning_adag.server",
+            "--unix", str(run_dir / "server.sock"),
+            "--shm-prefix", shm_prefix,
+            "--lifeline-fd", str(lifeline_read),
+            "--ready-fd", str(ready_write),
+            "--log-level", log_level,
+        ]  # fmt: skip
+        try:
+            process = subprocess.Popen(
+                command, pass_fds=(lifeline_read, ready_write), start_new_session=True, stdin=subprocess.DEVNULL
+            )
+        except BaseException:
+            os.close(lifeline_write)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        finally:
+            os.close(lifeline_read)
+            os.close(ready_write)
+        server = cls(process, "", run_dir, shm_prefix, lifeline_write)
+        try:
+            server.address = _read_ready_line(ready_read, process, timeout)["address"]
+        except BaseException:
+            server.stop()
+            raise
+        finally:
+            os.close(ready_read)
+        return server
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop the server and remove anything it left. Closing the lifeline asks it to shut down cleanly;
+        SIGTERM follows after ``grace`` seconds, then SIGKILL."""
+        if self._lifeline >= 0:
+            os.close(self._lifeline)
+            self._lifeline = -1
+        for escalate in (None, signal.SIGTERM, signal.SIGKILL):
+            if escalate is not None and self.process.poll() is None:
+                self.process.send_signal(escalate)
+            try:
+                self.process.wait(grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        shm.remove_segments(self._shm_prefix)
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+
+
+def _read_ready_line(fd: int, process: subprocess.Popen, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"the parameter server (pid {process.pid}) did not start within {timeout:.0f} s")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                code = process.wait()
+                raise RuntimeError(f"the parameter server exited with code {code} before it was ready; see its log")
+            data += chunk
+    return json.loads(data)

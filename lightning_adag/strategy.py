@@ -1,0 +1,318 @@
+"""``ADAGStrategy``: N asynchronous worker processes and a parameter server, as a Lightning strategy."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.distributed import group as _group
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import ReduceOp
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.strategies.strategy import TBroadcast
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_adag.algorithms import Algorithm, resolve_algorithm, suggested_window
+from lightning_adag.callback import ADAGCallback
+from lightning_adag.flat import FlatState, check_shareable
+from lightning_adag.lockstep import disable_lockstep
+from lightning_adag.server.launch import ServerProcess
+from lightning_adag.transports.shm import ShmClient
+from lightning_adag.worker import Worker
+
+log = logging.getLogger(__name__)
+
+_START_METHODS = ("popen", "spawn", "fork", "forkserver")
+_TRANSPORTS = ("auto", "shm")
+
+
+class ADAGStrategy(ParallelStrategy):
+    """Asynchronous data-parallel training through a parameter server (Hermans et al., 2017).
+
+    Launches one worker process per device like DDP does, and global rank 0 starts a parameter-server process.
+    Each worker trains on its shard and, every ``window`` local optimizer steps, commits its normalized
+    accumulated update to the server and pulls the center variable back. No collective runs between workers inside
+    an epoch, so a slow worker does not hold the others back. Validation, checkpoints and the model left after
+    ``fit`` are the center variable.
+
+    Args:
+        window: local optimizer steps between two commits (λ). ``None`` picks the thesis' heuristic
+            ``(workers + layers) / 2`` at setup.
+        algorithm: ``"adag"`` or an :class:`~lightning_adag.algorithms.Algorithm` instance.
+        transport: ``"auto"`` or ``"shm"`` (shared memory between processes of one machine).
+        start_method: how the worker processes start, as for DDP: ``"popen"`` (default), ``"spawn"``, ``"fork"``
+            or ``"forkserver"``.
+        server_timeout: seconds a worker waits for the server to answer before it fails.
+        process_group_backend, timeout: for the control-plane process group (epoch-level metric sync, barriers).
+    """
+
+    strategy_name = "adag"
+
+    def __init__(
+        self,
+        window: int | None = None,
+        algorithm: str | Algorithm = "adag",
+        transport: Literal["auto", "shm"] = "auto",
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        server_timeout: float = 120.0,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self.algorithm = resolve_algorithm(algorithm, window)
+        if transport == "tcp":
+            raise ValueError(
+                "transport='tcp' (workers on several machines) is not available in this version; on one machine use"
+                " transport='shm' or 'auto'"
+            )
+        if transport not in _TRANSPORTS:
+            raise ValueError(f"transport must be one of {_TRANSPORTS}, got {transport!r}")
+        if start_method not in _START_METHODS:
+            raise ValueError(f"start_method must be one of {_START_METHODS}, got {start_method!r}")
+        if server_timeout <= 0:
+            raise ValueError(f"server_timeout must be positive, got {server_timeout}")
+        self._transport = transport
+        self._start_method = start_method
+        self._server_timeout = server_timeout
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._num_nodes = 1
+        self._server: ServerProcess | None = None
+        self._server_address: str | None = None
+        self.worker: Worker | None = None
+        self.checkpoint_clock = 0
+
+    # ----------------------------------------------------------------------------------------------- topology
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        """Read by the Trainer to inject a ``DistributedSampler``: each worker trains on its own shard."""
+        return True
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
+
+    @property
+    def process_group_backend(self) -> str | None:
+        return self._process_group_backend
+
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self.num_nodes > 1:
+            raise ValueError(
+                f"ADAGStrategy with num_nodes={self.num_nodes} needs the TCP transport, which is not available in"
+                " this version: run all workers on one machine (num_nodes=1)"
+            )
+        if self._start_method == "popen":
+            self._launcher = _CheckingSubprocessLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _CheckingMultiProcessingLauncher(self, start_method=self._start_method)
+
+    # ----------------------------------------------------------------------------------------------- lifecycle
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        self._setup_distributed()
+        self._ensure_callback(self.lightning_module.trainer)
+        self._server_address = self._start_server_on_rank_zero()
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.worker = self._join_server(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+        disable_lockstep(trainer)
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The center variable (not this worker's parameters), as a state dict; its clock goes to
+        ``checkpoint_clock`` so the callback saves it in the same checkpoint."""
+        if self.worker is None:
+            return super().lightning_module_state_dict()
+        showing = self.worker.shown_clock is not None
+        self.checkpoint_clock = self.worker.shown_clock if showing else self.worker.show_center()
+        state = {name: value.clone() for name, value in super().lightning_module_state_dict().items()}
+        if not showing:
+            self.worker.resume_window()
+        return state
+
+    @override
+    def teardown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        super().teardown()
+
+    # ----------------------------------------------------------------------------------------- control plane
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if _distributed_is_initialized():
+            torch.distributed.barrier()
+
+    @override
+    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src, group=_group.WORLD)
+        return box[0]
+
+    @override
+    def reduce(
+        self, tensor: Tensor | Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
+    ) -> Tensor | Any:
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="Asynchronous parameter-server training with ADAG", override=True
+        )
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def _setup_distributed(self) -> None:
+        reset_seed()
+        self.set_world_ranks()
+        if self._process_group_backend is None:
+            self._process_group_backend = _get_default_process_group_backend_for_device(self.root_device)
+        assert self.cluster_environment is not None
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    def _ensure_callback(self, trainer: pl.Trainer) -> None:
+        if not any(isinstance(cb, ADAGCallback) for cb in trainer.callbacks):
+            trainer.callbacks.insert(0, ADAGCallback())
+
+    def _callback(self, trainer: pl.Trainer) -> ADAGCallback:
+        return next(cb for cb in trainer.callbacks if isinstance(cb, ADAGCallback))
+
+    def _start_server_on_rank_zero(self) -> str:
+        """Rank 0 starts the server; everyone learns its address (or rank 0's failure) through a broadcast."""
+        outcome: tuple[str, str] = ("", "")
+        if self.is_global_zero:
+            try:
+                self._server = ServerProcess.start()
+                outcome = ("ok", self._server.address)
+            except Exception as err:  # every rank must raise, not only rank 0
+                outcome = ("error", f"{type(err).__name__}: {err}")
+        status, detail = self.broadcast(outcome)
+        if status != "ok":
+            raise RuntimeError(f"global rank 0 could not start the parameter server: {detail}")
+        return detail
+
+    def _join_server(self, trainer: pl.Trainer) -> Worker:
+        """Lay the model out flat, connect, and start every worker from the same center.
+
+        Rank 0 offers its parameters (already restored from ``ckpt_path``, if any) and the checkpoint's clock as the
+        initial center; after a barrier every worker pulls it, and a second barrier keeps any worker from
+        committing before all have pulled.
+        """
+        module = self.lightning_module
+        flat = FlatState(module)
+        if self.algorithm.window is None:
+            self.algorithm.window = suggested_window(self.world_size, module)
+            rank_zero_info(f"ADAG: window={self.algorithm.window} (thesis heuristic: (workers + layers) / 2)")
+        client = ShmClient(
+            self._server_address, self.global_rank, flat.layout, self.algorithm.spec(), timeout=self._server_timeout
+        )
+        worker = Worker(flat, client, self.algorithm)
+        if self.is_global_zero:
+            worker.offer_initial_center(self._callback(trainer).restored_clock)
+        self.barrier("adag_center_initialized")
+        self.checkpoint_clock = worker.reset_to_center().clock
+        self.barrier("adag_center_pulled")
+        return worker
+
+
+class _ChecksModelBeforeLaunch:
+    """Validate the LightningModule in the launching process, so that a model ADAG cannot train fails before any
+    worker process starts. Models that build their layers in ``configure_model`` are checked in ``setup``."""
+
+    def launch(self, function, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
+        model = args[0] if args else None
+        if isinstance(model, pl.LightningModule) and not is_overridden("configure_model", model):
+            check_shareable(model)
+        return super().launch(function, *args, trainer=trainer, **kwargs)
+
+
+class _CheckingSubprocessLauncher(_ChecksModelBeforeLaunch, _SubprocessScriptLauncher):
+    pass
+
+
+class _CheckingMultiProcessingLauncher(_ChecksModelBeforeLaunch, _MultiProcessingLauncher):
+    pass
