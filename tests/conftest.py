@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+SCRIPTS = Path(__file__).parent / "scripts"
+SHM = Path("/dev/shm")
+
+
+def tagged_processes(tag: str) -> list[psutil.Process]:
+    """Every live process that inherited ``ADAG_TEST_TAG=tag`` (the launcher, its workers and the server)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("ADAG_TEST_TAG") == tag and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def adag_segments() -> set[str]:
+    return {p.name for p in SHM.glob("adag-*")}
+
+
+class ScriptRun:
+    """Runs a test script as a user would, in its own process tree; kills whatever is left at the end."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tag = uuid.uuid4().hex
+        self.out = tmp_path / "out"
+        self.out.mkdir()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, script: str, *args: str) -> subprocess.Popen:
+        env = dict(os.environ, ADAG_TEST_TAG=self.tag, PYTHONUNBUFFERED="1")
+        command = [sys.executable, str(SCRIPTS / script), "--out", str(self.out), *args]
+        self.log = open(self.out / "log.txt", "w+")
+        self.proc = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self.proc
+
+    def run(self, script: str, *args: str, timeout: float = 180) -> int:
+        self.start(script, *args)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{script} did not finish within {timeout} s:\n{self.output()}")
+
+    def wait_for(self, name: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self.out / name).exists():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the script exited ({self.proc.returncode}) before {name} appeared:\n{self.output()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{name} did not appear within {timeout} s:\n{self.output()}")
+            time.sleep(0.05)
+
+    def output(self) -> str:
+        self.log.flush()
+        return (self.out / "log.txt").read_text()
+
+    def results(self) -> dict[int, dict]:
+        return {int(p.stem[4:]): json.loads(p.read_text()) for p in self.out.glob("rank*.json")}
+
+    def leftovers(self, settle: float = 15.0) -> list[str]:
+        """Processes of this run still alive after ``settle`` seconds."""
+        deadline = time.monotonic() + settle
+        while (left := tagged_processes(self.tag)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return [f"{p.pid} {' '.join(p.cmdline())}" for p in left]
+
+    def kill_all(self) -> None:
+        for proc in tagged_processes(self.tag):
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def script(tmp_path):
+    """A :class:`ScriptRun`; afterwards, nothing of the run may be alive and no new segment may remain."""
+    before = adag_segments()
+    run = ScriptRun(tmp_path)
+    try:
+        yield run
+        if run.proc is not None:
+            left = run.leftovers()
+            assert not left, f"orphan processes after the run:\n" + "\n".join(left)
+            leaked = adag_segments() - before
+            assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
+    finally:
+        run.kill_all()
+        for name in adag_segments() - before:
+            (SHM / name).unlink(missing_ok=True)

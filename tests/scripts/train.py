@@ -1,0 +1,165 @@
+"""A training script the multi-process tests run the way a user would: ``python train.py ...`` with the default
+popen launcher. Every rank writes what it saw to ``<out>/rank<N>.json``."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from torch import nn
+from torchmetrics import SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from digits import DigitsDataModule  # noqa: E402
+
+import lightning_adag  # noqa: E402
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
+        self.args = args
+        layers = [nn.Linear(64, 64)]
+        if args.batchnorm:
+            layers.append(nn.BatchNorm1d(64))
+        self.net = nn.Sequential(*layers, nn.ReLU(), nn.Linear(64, 10))
+        self.accuracy = MulticlassAccuracy(num_classes=10, average="micro")
+        self.rank_sum = SumMetric()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == self.args.slow_rank:
+            time.sleep(self.args.slow_sleep)
+        if self.args.fail_at_batch is not None and batch_idx == self.args.fail_at_batch:
+            if self.args.fail_rank is None or self.global_rank == self.args.fail_rank:
+                raise RuntimeError(f"injected failure on rank {self.global_rank}")
+        if self.args.hang_at_batch is not None and batch_idx == self.args.hang_at_batch:
+            marker = Path(self.args.out, f"hanging{self.global_rank}")
+            marker.touch()
+            while not self.trainer.received_sigterm:  # a long step, until the test sends a signal
+                time.sleep(0.05)
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.accuracy(logits, y)
+        self.log("val_acc", self.accuracy)
+        self.log("val_loss", F.cross_entropy(logits, y), sync_dist=True)
+
+    def on_validation_epoch_end(self):
+        # epoch-level control plane: sync_dist mean of ranks, torchmetrics sum over ranks
+        self.log("rank_mean", float(self.global_rank), sync_dist=True)
+        self.rank_sum.update(self.global_rank + 1)
+        self.log("rank_sum", self.rank_sum)
+        self.log("constant", 1.0, sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.args.lr)
+
+
+class Recorder(Callback):
+    """Collects what the tests check, on every rank."""
+
+    def __init__(self, args):
+        self.args = args
+        self.commit_times: list[float] = []
+        self.start_clock = None
+        self.sampler = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_clock = trainer.strategy.worker.pulled_clock
+        sampler = trainer.train_dataloader.sampler
+        self.sampler = [type(sampler).__name__, getattr(sampler, "num_replicas", None), getattr(sampler, "rank", None)]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        cb = next(c for c in trainer.callbacks if isinstance(c, lightning_adag.ADAGCallback))
+        if len(self.commit_times) < cb.commits:
+            self.commit_times.append(time.time())
+
+
+def digest(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--slow-rank", type=int, default=-1)
+    p.add_argument("--slow-sleep", type=float, default=0.0)
+    p.add_argument("--fail-at-batch", type=int)
+    p.add_argument("--fail-rank", type=int)
+    p.add_argument("--hang-at-batch", type=int)
+    p.add_argument("--batchnorm", action="store_true")
+    p.add_argument("--early-stop", action="store_true")
+    p.add_argument("--checkpoint", action="store_true", help="save the last checkpoint into <out>/ckpt")
+    p.add_argument("--resume", help="checkpoint to resume from")
+    p.add_argument("--no-val", action="store_true")
+    args = p.parse_args()
+
+    L.seed_everything(int(os.environ.get("LOCAL_RANK", 0)))  # different inits per rank: the center must unify them
+    model = Classifier(args)
+    recorder = Recorder(args)
+    callbacks = [recorder]
+    if args.early_stop:
+        callbacks.append(EarlyStopping(monitor="constant", patience=1, mode="min"))
+    if args.checkpoint:
+        callbacks.append(ModelCheckpoint(dirpath=Path(args.out, "ckpt"), save_last=True))
+    trainer = L.Trainer(
+        strategy=lightning_adag.ADAGStrategy(window=args.window),
+        accelerator="cpu",
+        devices=args.devices,
+        max_epochs=args.epochs,
+        max_steps=args.max_steps,
+        callbacks=callbacks,
+        enable_checkpointing=args.checkpoint,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0 if args.no_val else None,
+        num_sanity_val_steps=0,
+    )
+    data = DigitsDataModule(batch_size=args.batch_size)
+    trainer.fit(model, datamodule=data, ckpt_path=args.resume)
+    result = {
+        "rank": trainer.global_rank,
+        "commit_times": recorder.commit_times,
+        "start_clock": recorder.start_clock,
+        "sampler": recorder.sampler,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "digest": digest(model),
+    }
+    if not args.no_val:
+        (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
+        result["validate"] = metrics
+        result["digest_after_validate"] = digest(model)
+    Path(args.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

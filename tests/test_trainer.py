@@ -1,0 +1,123 @@
+"""Real multi-process Trainer runs: 2 CPU workers launched by Lightning's popen launcher, a real server process."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def assert_ok(script, code):
+    assert code == 0, script.output()
+
+
+def test_trains_to_accuracy_and_leaves_the_center_everywhere(script):
+    assert_ok(script, script.run("train.py", "--epochs", "4", "--window", "2", "--batchnorm"))
+    results = script.results()
+    assert sorted(results) == [0, 1]
+    # every worker ends holding the same model (the final center), although each started from its own init
+    assert results[0]["digest"] == results[1]["digest"]
+    assert results[0]["validate"]["val_acc"] >= 0.9
+    # validation after fit evaluates the center and leaves it unchanged
+    assert results[0]["digest_after_validate"] == results[0]["digest"]
+    for rank, result in results.items():
+        assert result["commit_times"], "no commit recorded"
+        assert result["sampler"] == ["DistributedSampler", 2, rank]
+
+
+def test_control_plane_metrics_and_early_stopping(script):
+    assert_ok(script, script.run("train.py", "--epochs", "6", "--window", "4", "--early-stop"))
+    results = script.results()
+    for result in results.values():
+        assert result["metrics"]["rank_mean"] == pytest.approx(0.5)  # self.log(sync_dist=True) across 2 workers
+        assert result["metrics"]["rank_sum"] == pytest.approx(3.0)  # torchmetrics SumMetric synced: 1 + 2
+    # EarlyStopping (patience 1 on a constant) stops every worker after the same epoch, well before max_epochs
+    assert results[0]["epochs"] == results[1]["epochs"] < 6
+
+
+def test_a_slow_worker_does_not_slow_the_others_within_an_epoch(script):
+    # rank 1 sleeps 60 ms in each of its ~23 steps; rank 0 does not sleep. In lockstep rank 0 would commit at rank
+    # 1's pace; asynchronous, rank 0 finishes its epoch's commits while rank 1 is still near its start.
+    code = script.run(
+        "train.py", "--epochs", "1", "--window", "2", "--slow-rank", "1", "--slow-sleep", "0.06", "--no-val"
+    )
+    assert_ok(script, code)
+    fast, slow = script.results()[0]["commit_times"], script.results()[1]["commit_times"]
+    assert len(fast) >= 10 and len(slow) >= 10
+    fast_span = fast[-2] - fast[0]  # the last commit is the final partial window, after the end-of-fit barrier
+    slow_span = slow[-2] - slow[0]
+    assert fast_span < 0.25 * slow_span, (fast_span, slow_span)
+    assert fast[-2] < slow[len(slow) // 2], "the fast worker waited for the slow one"
+
+
+def test_checkpoint_holds_the_center_and_the_clock_and_resume_restores_both(script, tmp_path):
+    assert_ok(script, script.run("train.py", "--epochs", "2", "--window", "2", "--checkpoint"))
+    first = script.results()
+    checkpoint = torch.load(script.out / "ckpt" / "last.ckpt", weights_only=False)
+    clock = checkpoint["callbacks"]["ADAGCallback"]["clock"]
+    assert clock > 0
+    # 2 epochs x ~23 steps per worker / window 2 -> about 24 commits from the two workers together
+    assert clock >= 20
+
+    resumed_out = tmp_path / "resumed"
+    script.out, old_out = resumed_out, script.out
+    resumed_out.mkdir()
+    code = script.run("train.py", "--epochs", "3", "--window", "2", "--resume", str(old_out / "ckpt" / "last.ckpt"))
+    assert_ok(script, code)
+    resumed = script.results()
+    # the server restarted from the checkpoint's clock, and both workers started from the checkpoint's center
+    assert resumed[0]["start_clock"] == resumed[1]["start_clock"] == clock
+    assert resumed[0]["validate"]["val_acc"] >= first[0]["validate"]["val_acc"] - 0.05
+
+
+def test_an_exception_in_training_step_leaves_nothing_behind(script):
+    code = script.run("train.py", "--epochs", "2", "--fail-at-batch", "5", "--fail-rank", "1")
+    assert code != 0
+    assert "injected failure on rank 1" in script.output()
+    # the fixture asserts: no orphan process, no shared-memory segment
+
+
+def test_an_exception_on_rank_zero_leaves_nothing_behind(script):
+    code = script.run("train.py", "--epochs", "2", "--fail-at-batch", "5", "--fail-rank", "0")
+    assert code != 0
+    assert "injected failure on rank 0" in script.output()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_launching_process_stops_everything(script, signum):
+    script.start("train.py", "--epochs", "50", "--hang-at-batch", "10")
+    script.wait_for("hanging0")
+    script.wait_for("hanging1")
+    script.proc.send_signal(signum)
+    script.proc.wait(60)
+    # Lightning ends a SIGTERM'd run with SystemExit (exit code 0, like DDP) and a Ctrl+C with exit code 1; either
+    # way training stopped early (no rank got to write results), and the fixture finds nothing left behind.
+    assert not script.results(), script.output()
+
+
+def test_killing_the_server_stops_every_worker_with_a_clear_error(script):
+    script.start("train.py", "--epochs", "50", "--slow-rank", "0", "--slow-sleep", "0.02", "--no-val")
+    server = _wait_for_server(script)
+    server.kill()
+    started = time.monotonic()
+    code = script.proc.wait(60)
+    assert code != 0
+    assert time.monotonic() - started < 30
+    assert "parameter server" in script.output() and "is gone" in script.output()
+
+
+def _wait_for_server(script):
+    from conftest import tagged_processes
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for proc in tagged_processes(script.tag):
+            if "lightning_adag.server" in " ".join(proc.cmdline()):
+                time.sleep(3)  # let training get going
+                return proc
+        time.sleep(0.1)
+    pytest.fail("no server process appeared:\n" + script.output())
