@@ -164,9 +164,11 @@ class ADAGStrategy(ParallelStrategy):
     @override
     def setup_environment(self) -> None:
         super().setup_environment()
-        self._setup_distributed()
         self._ensure_callback(self.lightning_module.trainer)
-        self._server_address = self._start_server_on_rank_zero()
+        if self.is_global_zero:  # starts while the other workers still start up and meet in the rendezvous
+            self._server = ServerProcess.start()
+        self._setup_distributed()
+        self._server_address = self._share_server_address()
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -261,14 +263,14 @@ class ADAGStrategy(ParallelStrategy):
     def _callback(self, trainer: pl.Trainer) -> ADAGCallback:
         return next(cb for cb in trainer.callbacks if isinstance(cb, ADAGCallback))
 
-    def _start_server_on_rank_zero(self) -> str:
-        """Rank 0 starts the server; everyone learns its address (or rank 0's failure) through a broadcast."""
+    def _share_server_address(self) -> str:
+        """Rank 0 waits for its server to listen; everyone learns the address, or rank 0's failure, through a
+        broadcast, so that every worker raises rather than waiting on a rank that already failed."""
         outcome: tuple[str, str] = ("", "")
         if self.is_global_zero:
             try:
-                self._server = ServerProcess.start()
-                outcome = ("ok", self._server.address)
-            except Exception as err:  # every rank must raise, not only rank 0
+                outcome = ("ok", self._server.wait_ready())
+            except Exception as err:
                 outcome = ("error", f"{type(err).__name__}: {err}")
         status, detail = self.broadcast(outcome)
         if status != "ok":

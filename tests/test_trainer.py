@@ -26,7 +26,15 @@ def test_trains_to_accuracy_and_leaves_the_center_everywhere(script):
     assert results[0]["digest_after_validate"] == results[0]["digest"]
     for rank, result in results.items():
         assert result["commit_times"], "no commit recorded"
+        assert {"adag/staleness", "adag/commits", "adag/commit_ms", "adag/clock"} <= set(result["metrics"])
         assert result["sampler"] == ["DistributedSampler", 2, rank]
+
+
+def test_spawned_workers_hand_the_center_back_to_the_main_process(script):
+    assert_ok(script, script.run("train.py", "--epochs", "3", "--window", "2", "--start-method", "spawn"))
+    (main,) = script.results().values()  # only the launching process writes: it holds rank 0's model
+    assert main["validate"]["val_acc"] >= 0.85
+    assert main["digest_after_validate"] == main["digest"]
 
 
 def test_control_plane_metrics_and_early_stopping(script):

@@ -25,15 +25,17 @@ class ServerProcess:
     terminal reaches the training processes, which then stop it in order, rather than the server first.
     """
 
-    def __init__(self, process: subprocess.Popen, address: str, run_dir: Path, shm_prefix: str, lifeline: int):
+    def __init__(self, process: subprocess.Popen, run_dir: Path, shm_prefix: str, lifeline: int, ready: int):
         self.process = process
-        self.address = address
+        self.address = ""
         self._run_dir = run_dir
         self._shm_prefix = shm_prefix
         self._lifeline = lifeline
+        self._ready = ready
 
     @classmethod
-    def start(cls, log_level: str = "WARNING", timeout: float = 60.0) -> ServerProcess:
+    def start(cls, log_level: str = "WARNING") -> ServerProcess:
+        """Start the process; it imports and binds in the background until :meth:`wait_ready`."""
         run_dir = Path(tempfile.mkdtemp(prefix="adag-"))
         shm_prefix = f"adag-{os.getpid()}-{secrets.token_hex(4)}"
         lifeline_read, lifeline_write = os.pipe()
@@ -52,20 +54,23 @@ class ServerProcess:
             )
         except BaseException:
             os.close(lifeline_write)
+            os.close(ready_read)
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
         finally:
             os.close(lifeline_read)
             os.close(ready_write)
-        server = cls(process, "", run_dir, shm_prefix, lifeline_write)
-        try:
-            server.address = _read_ready_line(ready_read, process, timeout)["address"]
-        except BaseException:
-            server.stop()
-            raise
-        finally:
-            os.close(ready_read)
-        return server
+        return cls(process, run_dir, shm_prefix, lifeline_write, ready_read)
+
+    def wait_ready(self, timeout: float = 60.0) -> str:
+        """Block until the server listens; return its address."""
+        if not self.address:
+            try:
+                self.address = _read_ready_line(self._ready, self.process, timeout)["address"]
+            finally:
+                os.close(self._ready)
+                self._ready = -1
+        return self.address
 
     @property
     def pid(self) -> int:
@@ -74,9 +79,10 @@ class ServerProcess:
     def stop(self, grace: float = 10.0) -> None:
         """Stop the server and remove anything it left. Closing the lifeline asks it to shut down cleanly;
         SIGTERM follows after ``grace`` seconds, then SIGKILL."""
-        if self._lifeline >= 0:
-            os.close(self._lifeline)
-            self._lifeline = -1
+        for fd in (self._lifeline, self._ready):
+            if fd >= 0:
+                os.close(fd)
+        self._lifeline = self._ready = -1
         for escalate in (None, signal.SIGTERM, signal.SIGKILL):
             if escalate is not None and self.process.poll() is None:
                 self.process.send_signal(escalate)

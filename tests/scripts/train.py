@@ -118,6 +118,7 @@ def main() -> None:
     p.add_argument("--checkpoint", action="store_true", help="save the last checkpoint into <out>/ckpt")
     p.add_argument("--resume", help="checkpoint to resume from")
     p.add_argument("--no-val", action="store_true")
+    p.add_argument("--start-method", default="popen")
     args = p.parse_args()
 
     L.seed_everything(int(os.environ.get("LOCAL_RANK", 0)))  # different inits per rank: the center must unify them
@@ -129,7 +130,7 @@ def main() -> None:
     if args.checkpoint:
         callbacks.append(ModelCheckpoint(dirpath=Path(args.out, "ckpt"), save_last=True))
     trainer = L.Trainer(
-        strategy=lightning_adag.ADAGStrategy(window=args.window),
+        strategy=lightning_adag.ADAGStrategy(window=args.window, start_method=args.start_method),
         accelerator="cpu",
         devices=args.devices,
         max_epochs=args.epochs,

@@ -1,0 +1,145 @@
+"""ServerCore: the algebra of commits, the clock and staleness accounting, atomicity under concurrency."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_adag.flat import Layout
+from lightning_adag.server.core import LayoutMismatchError, ServerCore
+
+ADAG = {"name": "adag"}
+
+
+def make_core(numel=6, trainable=4, initial=None, clock=0):
+    core = ServerCore()
+    layout = Layout(numel=numel, trainable=trainable, dtype=torch.float64, digest="d")
+    core.configure(layout, ADAG)
+    core.initialize(torch.zeros(numel, dtype=torch.float64) if initial is None else initial, clock)
+    return core
+
+
+# A schedule: for each commit, which worker sends it, and whether that worker pulls (resets its clock) first.
+schedules = st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=1, max_size=40)
+
+
+@given(schedules, st.integers(0, 1000))
+@settings(max_examples=200, deadline=None)
+def test_any_interleaving_of_commits_leaves_c0_plus_the_sum_of_deltas(schedule, seed):
+    gen = torch.Generator().manual_seed(seed)
+    c0 = torch.randint(-50, 50, (6,), generator=gen).double()
+    core = make_core(initial=c0.clone())
+    pulled = {}
+    total = torch.zeros(4, dtype=torch.float64)
+    for worker, pull_first in schedule:
+        if pull_first or worker not in pulled:
+            pulled[worker] = core.read(torch.empty(6, dtype=torch.float64)).clock
+        # integer-valued deltas: float64 sums are exact, so any order gives the same center
+        delta = torch.randint(-20, 20, (6,), generator=gen).double()
+        before = core.clock
+        receipt = core.commit(worker, delta, pulled[worker])
+        assert receipt.clock == before + 1
+        assert receipt.staleness == before - pulled[worker]
+        total += delta[:4]
+    assert core.clock == len(schedule)
+    assert torch.equal(core.center[:4], c0[:4] + total)
+
+
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=30))
+def test_the_state_region_carries_the_last_committed_values(workers):
+    core = make_core()
+    last = None
+    for i, worker in enumerate(workers):
+        delta = torch.full((6,), float(i), dtype=torch.float64)
+        core.commit(worker, delta, core.clock)
+        last = delta
+    assert torch.equal(core.center[4:], last[4:])
+
+
+def test_per_worker_statistics_count_commits_and_staleness():
+    core = make_core()
+    core.commit(0, torch.zeros(6, dtype=torch.float64), 0)  # staleness 0
+    core.commit(1, torch.zeros(6, dtype=torch.float64), 0)  # staleness 1
+    core.commit(1, torch.zeros(6, dtype=torch.float64), 0)  # staleness 2
+    stats = core.stats()
+    assert stats["clock"] == 3
+    assert stats["workers"]["0"]["commits"] == 1
+    assert stats["workers"]["1"]["commits"] == 2
+    assert stats["workers"]["1"]["mean_staleness"] == 1.5
+    assert stats["workers"]["1"]["max_staleness"] == 2
+
+
+def test_initialize_keeps_an_existing_center_and_its_clock():
+    core = make_core(initial=torch.ones(6, dtype=torch.float64), clock=7)
+    receipt = core.initialize(torch.full((6,), 5.0, dtype=torch.float64), 0)
+    assert receipt.clock == 7
+    assert torch.equal(core.center, torch.ones(6, dtype=torch.float64))
+
+
+def test_commit_returns_the_new_center_in_out():
+    core = make_core()
+    out = torch.empty(6, dtype=torch.float64)
+    core.commit(0, torch.arange(6, dtype=torch.float64), 0, out=out)
+    assert torch.equal(out, core.center)
+
+
+def test_a_commit_from_the_future_is_refused_and_changes_nothing():
+    core = make_core()
+    with pytest.raises(ValueError, match="outside"):
+        core.commit(0, torch.ones(6, dtype=torch.float64), 5)
+    assert core.clock == 0 and torch.equal(core.center, torch.zeros(6, dtype=torch.float64))
+
+
+def test_commits_before_initialization_are_refused():
+    core = ServerCore()
+    core.configure(Layout(6, 4, torch.float64, "d"), ADAG)
+    with pytest.raises(RuntimeError, match="not initialized"):
+        core.commit(0, torch.ones(6, dtype=torch.float64), 0)
+
+
+@pytest.mark.parametrize(
+    "layout, algorithm, match",
+    [
+        (Layout(7, 4, torch.float64, "d"), ADAG, "layout mismatch"),
+        (Layout(6, 4, torch.float64, "other"), ADAG, "layout mismatch"),
+        (Layout(6, 4, torch.float32, "d"), ADAG, "layout mismatch"),
+        (Layout(6, 4, torch.float64, "d"), {"name": "downpour"}, "algorithm mismatch"),
+    ],
+)
+def test_a_worker_with_another_layout_or_algorithm_is_refused(layout, algorithm, match):
+    core = make_core()
+    with pytest.raises(LayoutMismatchError, match=match):
+        core.configure(layout, algorithm)
+
+
+def test_concurrent_commits_are_atomic_and_pulls_never_see_half_a_commit():
+    numel = 1_000_000
+    core = ServerCore()
+    core.configure(Layout(numel, numel, torch.float32, "d"), ADAG)
+    core.initialize(torch.zeros(numel), 0)
+    ones = torch.ones(numel)
+    torn = []
+
+    def committer(worker):
+        for _ in range(25):
+            core.commit(worker, ones, core.clock)
+
+    def reader():
+        out = torch.empty(numel)
+        for _ in range(50):
+            receipt = core.read(out)
+            if not (out.min() == out.max() == receipt.clock):
+                torn.append((float(out.min()), float(out.max()), receipt.clock))
+
+    threads = [threading.Thread(target=committer, args=(w,)) for w in range(4)] + [threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not torn
+    assert core.clock == 100
+    assert torch.equal(core.center, torch.full((numel,), 100.0))

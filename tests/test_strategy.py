@@ -1,0 +1,64 @@
+"""Configuration: registration, construction, and the errors raised before any process starts."""
+
+from __future__ import annotations
+
+import importlib
+
+import lightning as L
+import pytest
+from lightning.pytorch.strategies import StrategyRegistry
+
+import lightning_adag
+from lightning_adag import ADAG, ADAGStrategy
+
+
+def test_import_registers_adag_idempotently():
+    importlib.reload(lightning_adag)
+    importlib.reload(lightning_adag)
+    assert StrategyRegistry["adag"]["strategy"].__name__ == "ADAGStrategy"
+
+
+def test_the_registered_name_builds_the_strategy_with_one_worker_per_device():
+    trainer = L.Trainer(strategy="adag", accelerator="cpu", devices=3, logger=False)
+    assert isinstance(trainer.strategy, ADAGStrategy)
+    assert trainer.strategy.num_processes == 3
+    assert trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 3, "rank": 0}
+    assert trainer._accelerator_connector.is_distributed
+
+
+def test_explicit_settings():
+    strategy = ADAGStrategy(window=16)
+    assert strategy.algorithm.window == 16
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, logger=False)
+    assert trainer.strategy is strategy
+    assert ADAGStrategy(algorithm=ADAG(window=5)).algorithm.window == 5
+    assert ADAGStrategy().algorithm.window is None  # chosen at setup from workers and layers
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"window": 0}, "window must be an integer >= 1"),
+        ({"algorithm": "hogwild"}, "unknown algorithm 'hogwild'"),
+        ({"transport": "tcp"}, "not available in this version"),
+        ({"transport": "ucx"}, "transport must be one of"),
+        ({"start_method": "thread"}, "start_method must be one of"),
+        ({"server_timeout": 0}, "server_timeout must be positive"),
+    ],
+)
+def test_invalid_settings_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ADAGStrategy(**kwargs)
+
+
+def test_several_nodes_need_a_transport_this_version_lacks():
+    with pytest.raises(ValueError, match="num_nodes=2 needs the TCP transport"):
+        L.Trainer(strategy="adag", accelerator="cpu", devices=2, num_nodes=2, logger=False)
+
+
+def test_a_model_without_trainable_parameters_fails_before_any_worker_starts(script):
+    code = script.run("frozen.py", timeout=120)
+    output = script.output()
+    assert code != 0
+    assert "has no trainable parameters" in output
+    assert "MEMBER: 2/2" not in output  # no second worker ever joined

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import socket
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lightning_adag import wire
+
+kinds = st.sampled_from(list(wire.Kind))
+int64 = st.integers(-(2**63), 2**63 - 1)
+
+
+@given(kinds, int64, int64, st.binary(max_size=2048))
+def test_frames_round_trip_through_a_socket(kind, a, b, payload):
+    left, right = socket.socketpair()
+    with left, right:
+        wire.send(left, kind, a, b, payload)
+        assert wire.recv(right) == wire.Frame(kind, a, b, payload)
+
+
+@given(st.binary(min_size=wire.HEADER.size, max_size=wire.HEADER.size))
+def test_any_header_either_decodes_to_a_valid_frame_or_raises_protocol_error(header):
+    try:
+        kind, _a, _b, length = wire.decode_header(header)
+    except wire.ProtocolError:
+        return
+    assert header[:4] == wire.MAGIC and isinstance(kind, wire.Kind) and length <= wire.MAX_CONTROL_PAYLOAD
+
+
+def test_bad_magic_version_type_and_size_are_named():
+    good = wire.encode(wire.Kind.PULL)
+    with pytest.raises(wire.ProtocolError, match="bad magic"):
+        wire.decode_header(b"XXXX" + good[4:])
+    with pytest.raises(wire.ProtocolError, match="protocol version 9"):
+        wire.decode_header(good[:4] + bytes([9]) + good[5:])
+    with pytest.raises(wire.ProtocolError, match="unknown frame type 200"):
+        wire.decode_header(good[:5] + bytes([200]) + good[6:])
+    huge = wire.HEADER.pack(wire.MAGIC, wire.VERSION, int(wire.Kind.HELLO), 0, 0, 0, 10**12)
+    with pytest.raises(wire.ProtocolError, match="exceeds the limit"):
+        wire.decode_header(huge)
+
+
+def test_a_truncated_frame_is_end_of_file():
+    left, right = socket.socketpair()
+    with right:
+        left.sendall(wire.encode(wire.Kind.HELLO, payload=b"0123456789")[:-3])
+        left.close()
+        with pytest.raises(EOFError):
+            wire.recv(right)
+
+
+def test_json_payloads_must_be_objects():
+    assert wire.Frame(wire.Kind.REPORT, payload=b'{"a": 1}').json() == {"a": 1}
+    with pytest.raises(wire.ProtocolError):
+        wire.Frame(wire.Kind.REPORT, payload=b"[1]").json()
+    with pytest.raises(wire.ProtocolError):
+        wire.Frame(wire.Kind.REPORT, payload=b"\xff").json()
