@@ -109,7 +109,9 @@ def test_a_signal_to_the_launching_process_stops_everything(script, signum):
 
 def test_killing_the_server_stops_every_worker_with_a_clear_error(script):
     script.start("train.py", "--epochs", "50", "--slow-rank", "0", "--slow-sleep", "0.02", "--no-val")
-    server = _wait_for_server(script)
+    script.wait_for("committing0")
+    script.wait_for("committing1")
+    server = _server_process(script)
     server.kill()
     started = time.monotonic()
     code = script.proc.wait(60)
@@ -118,14 +120,8 @@ def test_killing_the_server_stops_every_worker_with_a_clear_error(script):
     assert "parameter server" in script.output() and "is gone" in script.output()
 
 
-def _wait_for_server(script):
+def _server_process(script):
     from conftest import tagged_processes
 
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        for proc in tagged_processes(script.tag):
-            if "lightning_adag.server" in " ".join(proc.cmdline()):
-                time.sleep(3)  # let training get going
-                return proc
-        time.sleep(0.1)
-    pytest.fail("no server process appeared:\n" + script.output())
+    (server,) = [p for p in tagged_processes(script.tag) if "lightning_adag.server" in " ".join(p.cmdline())]
+    return server

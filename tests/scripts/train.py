@@ -89,6 +89,8 @@ class Recorder(Callback):
         cb = next(c for c in trainer.callbacks if isinstance(c, lightning_adag.ADAGCallback))
         if len(self.commit_times) < cb.commits:
             self.commit_times.append(time.time())
+            if len(self.commit_times) == 1:
+                Path(self.args.out, f"committing{trainer.global_rank}").touch()
 
 
 def digest(module: nn.Module) -> str:
