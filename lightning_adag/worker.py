@@ -67,13 +67,6 @@ class Worker:
             self.flat.vector.copy_(self._stash)
             self.shown_clock = None
 
-    def center_snapshot(self) -> tuple[Tensor, int]:
-        """A copy of the center and its clock: the one being shown, or a fresh pull."""
-        if self.shown_clock is not None:
-            return self.flat.vector.detach().clone(), self.shown_clock
-        receipt = self.client.pull()
-        return self.client.mailbox.to(self.flat.vector.device, copy=True), receipt.clock
-
     def close(self) -> None:
         self.client.close()
 

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -28,8 +29,9 @@ def tagged_processes(tag: str) -> list[psutil.Process]:
     return found
 
 
-def adag_segments() -> set[str]:
-    return {p.name for p in SHM.glob("adag-*")}
+def adag_leftovers() -> set[str]:
+    """Shared-memory segments and server sockets of this project that exist now."""
+    return {str(p) for p in [*SHM.glob("adag-*"), *Path(tempfile.gettempdir()).glob("adag-*.sock")]}
 
 
 class ScriptRun:
@@ -41,15 +43,16 @@ class ScriptRun:
         self.out.mkdir()
         self.proc: subprocess.Popen | None = None
 
-    def start(self, script: str, *args: str) -> subprocess.Popen:
+    def start(self, script: str, *args: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+        """Start ``python [launcher...] script --out OUT args...``, e.g. ``launcher=("-m", "torch.distributed.run")``."""
         env = dict(os.environ, ADAG_TEST_TAG=self.tag, PYTHONUNBUFFERED="1")
-        command = [sys.executable, str(SCRIPTS / script), "--out", str(self.out), *args]
+        command = [sys.executable, *launcher, str(SCRIPTS / script), "--out", str(self.out), *args]
         self.log = open(self.out / "log.txt", "w+")
         self.proc = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         return self.proc
 
-    def run(self, script: str, *args: str, timeout: float = 180) -> int:
-        self.start(script, *args)
+    def run(self, script: str, *args: str, timeout: float = 180, launcher: tuple[str, ...] = ()) -> int:
+        self.start(script, *args, launcher=launcher)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -91,16 +94,16 @@ class ScriptRun:
 @pytest.fixture
 def script(tmp_path):
     """A :class:`ScriptRun`; afterwards, nothing of the run may be alive and no new segment may remain."""
-    before = adag_segments()
+    before = adag_leftovers()
     run = ScriptRun(tmp_path)
     try:
         yield run
         if run.proc is not None:
             left = run.leftovers()
             assert not left, f"orphan processes after the run:\n" + "\n".join(left)
-            leaked = adag_segments() - before
-            assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
+            leaked = adag_leftovers() - before
+            assert not leaked, f"segments or sockets left behind: {sorted(leaked)}"
     finally:
         run.kill_all()
-        for name in adag_segments() - before:
-            (SHM / name).unlink(missing_ok=True)
+        for path in adag_leftovers() - before:
+            Path(path).unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import time
 
 import pytest
@@ -28,6 +29,18 @@ def test_trains_to_accuracy_and_leaves_the_center_everywhere(script):
         assert result["commit_times"], "no commit recorded"
         assert {"adag/staleness", "adag/commits", "adag/commit_ms", "adag/clock"} <= set(result["metrics"])
         assert result["sampler"] == ["DistributedSampler", 2, rank]
+
+
+def test_torchrun_sets_the_ranks(script):
+    with socket.socket() as probe:  # a free port for torchrun's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torchrun = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port))
+    assert_ok(script, script.run("train.py", "--epochs", "2", "--window", "2", launcher=torchrun))
+    results = script.results()
+    assert sorted(results) == [0, 1]
+    assert results[0]["digest"] == results[1]["digest"]
+    assert results[0]["validate"]["val_acc"] >= 0.8
 
 
 def test_spawned_workers_hand_the_center_back_to_the_main_process(script):

@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     service = Service(listener, args.shm_prefix)
     try:
-        listener.bind(args.unix)
+        umask = os.umask(0o077)  # the socket file is created 0600: only this user's processes may connect
+        try:
+            listener.bind(args.unix)
+        finally:
+            os.umask(umask)
         listener.listen(256)
         if args.ready_fd is not None:
             os.write(args.ready_fd, (json.dumps({"address": args.unix, "pid": os.getpid()}) + "\n").encode())

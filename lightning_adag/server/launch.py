@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,10 +24,10 @@ class ServerProcess:
     terminal reaches the training processes, which then stop it in order, rather than the server first.
     """
 
-    def __init__(self, process: subprocess.Popen, run_dir: Path, shm_prefix: str, lifeline: int, ready: int):
+    def __init__(self, process: subprocess.Popen, socket_path: Path, shm_prefix: str, lifeline: int, ready: int):
         self.process = process
         self.address = ""
-        self._run_dir = run_dir
+        self._socket_path = socket_path
         self._shm_prefix = shm_prefix
         self._lifeline = lifeline
         self._ready = ready
@@ -36,13 +35,13 @@ class ServerProcess:
     @classmethod
     def start(cls, log_level: str = "WARNING") -> ServerProcess:
         """Start the process; it imports and binds in the background until :meth:`wait_ready`."""
-        run_dir = Path(tempfile.mkdtemp(prefix="adag-"))
         shm_prefix = f"adag-{os.getpid()}-{secrets.token_hex(4)}"
+        socket_path = Path(tempfile.gettempdir(), f"{shm_prefix}.sock")
         lifeline_read, lifeline_write = os.pipe()
         ready_read, ready_write = os.pipe()
         command = [
             sys.executable, "-m", "lightning_adag.server",
-            "--unix", str(run_dir / "server.sock"),
+            "--unix", str(socket_path),
             "--shm-prefix", shm_prefix,
             "--lifeline-fd", str(lifeline_read),
             "--ready-fd", str(ready_write),
@@ -55,12 +54,11 @@ class ServerProcess:
         except BaseException:
             os.close(lifeline_write)
             os.close(ready_read)
-            shutil.rmtree(run_dir, ignore_errors=True)
             raise
         finally:
             os.close(lifeline_read)
             os.close(ready_write)
-        return cls(process, run_dir, shm_prefix, lifeline_write, ready_read)
+        return cls(process, socket_path, shm_prefix, lifeline_write, ready_read)
 
     def wait_ready(self, timeout: float = 60.0) -> str:
         """Block until the server listens; return its address."""
@@ -92,7 +90,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 continue
         shm.remove_segments(self._shm_prefix)
-        shutil.rmtree(self._run_dir, ignore_errors=True)
+        shm.unlink_quietly(self._socket_path)
 
 
 def _read_ready_line(fd: int, process: subprocess.Popen, timeout: float) -> dict:
