@@ -23,6 +23,10 @@ class Layout:
     dtype: torch.dtype
     digest: str
 
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
     def to_json(self) -> dict:
         return {"numel": self.numel, "trainable": self.trainable, "dtype": str(self.dtype), "digest": self.digest}
 

@@ -33,18 +33,20 @@ from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_adag import auth
 from lightning_adag.algorithms import Algorithm, resolve_algorithm, suggested_window
 from lightning_adag.callback import ADAGCallback
 from lightning_adag.flat import FlatState, check_shareable
 from lightning_adag.lockstep import disable_lockstep
 from lightning_adag.server.launch import ServerProcess
-from lightning_adag.transports.shm import ShmClient
+from lightning_adag.transports import connect
+from lightning_adag.transports.tcp import split_address
 from lightning_adag.worker import Worker
 
 log = logging.getLogger(__name__)
 
 _START_METHODS = ("popen", "spawn", "fork", "forkserver")
-_TRANSPORTS = ("auto", "shm")
+_TRANSPORTS = ("auto", "shm", "tcp")
 
 
 class ADAGStrategy(ParallelStrategy):
@@ -60,7 +62,11 @@ class ADAGStrategy(ParallelStrategy):
         window: local optimizer steps between two commits (λ). ``None`` picks the thesis' heuristic
             ``(workers + layers) / 2`` at setup.
         algorithm: ``"adag"`` or an :class:`~lightning_adag.algorithms.Algorithm` instance.
-        transport: ``"auto"`` or ``"shm"`` (shared memory between processes of one machine).
+        transport: ``"shm"`` (shared memory, all workers on one machine), ``"tcp"``, or ``"auto"``: shm when the
+            run has one node, tcp otherwise or when ``server`` is given.
+        server: ``"host:port"`` of a running ``adag-server`` to join instead of starting one; workers read the
+            shared key from the ``ADAG_AUTH_KEY`` environment variable.
+        server_port: TCP port of the server this run starts (tcp transport only); default: the main port + 1.
         start_method: how the worker processes start, as for DDP: ``"popen"`` (default), ``"spawn"``, ``"fork"``
             or ``"forkserver"``.
         server_timeout: seconds a worker waits for the server to answer before it fails.
@@ -73,7 +79,9 @@ class ADAGStrategy(ParallelStrategy):
         self,
         window: int | None = None,
         algorithm: str | Algorithm = "adag",
-        transport: Literal["auto", "shm"] = "auto",
+        transport: Literal["auto", "shm", "tcp"] = "auto",
+        server: str | None = None,
+        server_port: int | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -92,18 +100,22 @@ class ADAGStrategy(ParallelStrategy):
             precision_plugin=precision_plugin,
         )
         self.algorithm = resolve_algorithm(algorithm, window)
-        if transport == "tcp":
-            raise ValueError(
-                "transport='tcp' (workers on several machines) is not available in this version; on one machine use"
-                " transport='shm' or 'auto'"
-            )
         if transport not in _TRANSPORTS:
             raise ValueError(f"transport must be one of {_TRANSPORTS}, got {transport!r}")
+        if server is not None:
+            split_address(server)
+            if transport == "shm":
+                raise ValueError("server='host:port' is reached over TCP: use transport='tcp' or 'auto' with it")
+        if server_port is not None and not 0 <= server_port < 65536:
+            raise ValueError(f"server_port must be in [0, 65535], got {server_port}")
         if start_method not in _START_METHODS:
             raise ValueError(f"start_method must be one of {_START_METHODS}, got {start_method!r}")
         if server_timeout <= 0:
             raise ValueError(f"server_timeout must be positive, got {server_timeout}")
         self._transport = transport
+        self._external_server = server
+        self._server_port = server_port
+        self._key = b""
         self._start_method = start_method
         self._server_timeout = server_timeout
         self._process_group_backend = process_group_backend
@@ -150,10 +162,10 @@ class ADAGStrategy(ParallelStrategy):
     @override
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
-        if self.num_nodes > 1:
+        if self.num_nodes > 1 and self._transport == "shm":
             raise ValueError(
-                f"ADAGStrategy with num_nodes={self.num_nodes} needs the TCP transport, which is not available in"
-                " this version: run all workers on one machine (num_nodes=1)"
+                f"transport='shm' needs every worker on one machine, but num_nodes={self.num_nodes}: use"
+                " transport='tcp' or 'auto'"
             )
         if self._start_method == "popen":
             self._launcher = _CheckingSubprocessLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
@@ -165,10 +177,12 @@ class ADAGStrategy(ParallelStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         self._ensure_callback(self.lightning_module.trainer)
-        if self.is_global_zero:  # starts while the other workers still start up and meet in the rendezvous
-            self._server = ServerProcess.start()
+        if self._external_server is None and self.is_global_zero:
+            # starts while the other workers still start up and meet in the rendezvous
+            self._key = auth.new_key().encode()
+            self._server = ServerProcess.start(self._key.decode(), *self._server_bind_address())
         self._setup_distributed()
-        self._server_address = self._share_server_address()
+        self._server_address, self._key = self._share_server_address()
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -263,19 +277,39 @@ class ADAGStrategy(ParallelStrategy):
     def _callback(self, trainer: pl.Trainer) -> ADAGCallback:
         return next(cb for cb in trainer.callbacks if isinstance(cb, ADAGCallback))
 
-    def _share_server_address(self) -> str:
-        """Rank 0 waits for its server to listen; everyone learns the address, or rank 0's failure, through a
-        broadcast, so that every worker raises rather than waiting on a rank that already failed."""
-        outcome: tuple[str, str] = ("", "")
+    @property
+    def transport(self) -> str:
+        """The transport this run uses: ``"shm"`` or ``"tcp"``."""
+        if self._transport != "auto":
+            return self._transport
+        return "tcp" if self._external_server is not None or self.num_nodes > 1 else "shm"
+
+    def _server_bind_address(self) -> tuple[str | None, int]:
+        """Where the server this run starts listens: a Unix socket for shm; for tcp, loopback on one node and
+        the cluster's main address on several, at ``server_port`` (default: main port + 1)."""
+        if self.transport == "shm":
+            return None, 0
+        assert self.cluster_environment is not None
+        host = self.cluster_environment.main_address if self.num_nodes > 1 else "127.0.0.1"
+        port = self._server_port if self._server_port is not None else self.cluster_environment.main_port + 1
+        return host, port
+
+    def _share_server_address(self) -> tuple[str, bytes]:
+        """Everyone learns the server's address and key from rank 0 (the run's rendezvous carries them), or rank
+        0's failure to start it, so that every worker raises rather than waiting on a rank that already failed.
+        With an external server, the address was given and the key comes from the environment."""
+        if self._external_server is not None:
+            return self._external_server, auth.key_from_env()
+        outcome: tuple[str, str, bytes] = ("", "", b"")
         if self.is_global_zero:
             try:
-                outcome = ("ok", self._server.wait_ready())
+                outcome = ("ok", self._server.wait_ready(), self._key)
             except Exception as err:
-                outcome = ("error", f"{type(err).__name__}: {err}")
-        status, detail = self.broadcast(outcome)
+                outcome = ("error", f"{type(err).__name__}: {err}", b"")
+        status, detail, key = self.broadcast(outcome)
         if status != "ok":
             raise RuntimeError(f"global rank 0 could not start the parameter server: {detail}")
-        return detail
+        return detail, key
 
     def _join_server(self, trainer: pl.Trainer) -> Worker:
         """Lay the model out flat, connect, and start every worker from the same center.
@@ -289,8 +323,14 @@ class ADAGStrategy(ParallelStrategy):
         if self.algorithm.window is None:
             self.algorithm.window = suggested_window(self.world_size, module)
             rank_zero_info(f"ADAG: window={self.algorithm.window} (thesis heuristic: (workers + layers) / 2)")
-        client = ShmClient(
-            self._server_address, self.global_rank, flat.layout, self.algorithm.spec(), timeout=self._server_timeout
+        client = connect(
+            self.transport,
+            self._server_address,
+            self.global_rank,
+            flat.layout,
+            self.algorithm.spec(),
+            self._key,
+            self._server_timeout,
         )
         worker = Worker(flat, client, self.algorithm)
         if self.is_global_zero:

@@ -2,10 +2,11 @@
 
 Every frame is a fixed 32-byte header followed by ``length`` payload bytes::
 
-    magic "ADAG" | version u8 | type u8 | reserved u16 | a i64 | b i64 | length u64      (network byte order)
+    magic "ADAG" | version u8 | type u8 | dtype u8 | reserved u8 | a i64 | b i64 | length u64   (network order)
 
 ``a`` and ``b`` carry the message's integers (clocks, step counts). Control payloads (handshake, statistics,
-errors) are UTF-8 JSON and small; tensor payloads are raw bytes. Nothing is ever unpickled.
+errors) are UTF-8 JSON or raw bytes and small. Tensor payloads (``dtype`` != 0) are the raw bytes of a flat
+vector, received with ``recv_into`` straight into a preallocated buffer. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -16,25 +17,34 @@ import socket
 import struct
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 MAGIC = b"ADAG"
 VERSION = 1
-HEADER = struct.Struct("!4sBBHqqQ")
+HEADER = struct.Struct("!4sBBBBqqQ")
 MAX_CONTROL_PAYLOAD = 64 * 1024
+
+DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
+NO_TENSOR = 0
 
 
 class Kind(enum.IntEnum):
-    HELLO = 1  # worker -> server, JSON {rank, layout, algorithm}; answered by WELCOME
-    WELCOME = 2  # server -> worker, JSON {mailbox, initialized, clock}
-    INIT = 3  # worker -> server, a = clock; initialize the center from the mailbox if the server holds none
-    COMMIT = 4  # worker -> server, a = pulled clock, b = steps in the window; answered by CENTER
-    PULL = 5  # worker -> server; answered by CENTER
-    CENTER = 6  # server -> worker, a = clock, b = staleness of the commit (0 for a pull); center in the mailbox
-    STATS = 7  # worker -> server; answered by REPORT
-    REPORT = 8  # server -> worker, JSON statistics
-    ERROR = 9  # server -> worker, UTF-8 message; the server closes the connection after it
+    CHALLENGE = 1  # server -> peer, a random nonce; the first frame on every connection
+    AUTH = 2  # peer -> server, HMAC of the nonce and a nonce of its own
+    AUTH_OK = 3  # server -> peer, HMAC of the peer's nonce (the server knows the key too)
+    HELLO = 4  # worker -> server, JSON {rank, layout, algorithm}; answered by WELCOME
+    WELCOME = 5  # server -> worker, JSON {mailbox (shared memory only), initialized, clock}
+    INIT = 6  # worker -> server, a = clock, the vector; sets the center if the server holds none; answered by CENTER
+    COMMIT = 7  # worker -> server, a = pulled clock, b = steps in the window, the vector; answered by CENTER
+    PULL = 8  # worker -> server; answered by CENTER
+    CENTER = 9  # server -> worker, a = clock, b = staleness of the commit (0 otherwise), the center
+    STATS = 10  # worker -> server; answered by REPORT
+    REPORT = 11  # server -> worker, JSON statistics
+    ERROR = 12  # either way, UTF-8 message; the sender closes the connection after it
 
 
-class ProtocolError(ConnectionError):
+class ProtocolError(Exception):
     """The peer sent something that is not a valid frame of this protocol."""
 
 
@@ -44,6 +54,15 @@ class ServerGoneError(ConnectionError):
 
 class ServerRefusedError(RuntimeError):
     """The server answered a request with an ERROR frame."""
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: Kind
+    dtype: int
+    a: int
+    b: int
+    length: int
 
 
 @dataclass(frozen=True)
@@ -63,32 +82,69 @@ class Frame:
         return value
 
 
-def encode(kind: Kind, a: int = 0, b: int = 0, payload: bytes = b"") -> bytes:
-    return HEADER.pack(MAGIC, VERSION, int(kind), 0, a, b, len(payload)) + payload
+def encode(kind: Kind, a: int = 0, b: int = 0, payload: bytes = b"", dtype: int = NO_TENSOR) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, int(kind), dtype, 0, a, b, len(payload)) + payload
 
 
 def json_payload(value: dict) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode("utf-8")
 
 
+def byte_view(tensor: Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(tensor.view(torch.uint8).numpy())
+
+
 def send(sock: socket.socket, kind: Kind, a: int = 0, b: int = 0, payload: bytes = b"") -> None:
     sock.sendall(encode(kind, a, b, payload))
 
 
-def decode_header(header: bytes, max_payload: int = MAX_CONTROL_PAYLOAD) -> tuple[Kind, int, int, int]:
-    """Validate a header; refuse a payload above ``max_payload`` before anything is allocated for it."""
-    magic, version, kind, _reserved, a, b, length = HEADER.unpack(header)
+def send_tensor(sock: socket.socket, kind: Kind, tensor: Tensor, a: int = 0, b: int = 0) -> None:
+    """A frame whose payload is ``tensor``'s bytes, sent from the tensor's memory."""
+    sock.sendall(HEADER.pack(MAGIC, VERSION, int(kind), DTYPE_CODES[tensor.dtype], 0, a, b, tensor.nbytes))
+    sock.sendall(byte_view(tensor))
+
+
+def read_header(sock: socket.socket, max_payload: int = MAX_CONTROL_PAYLOAD) -> Header:
+    """Read and validate a header; refuse a payload above ``max_payload`` before anything is allocated for it."""
+    return decode_header(recv_exact(sock, HEADER.size), max_payload)
+
+
+def decode_header(data: bytes, max_payload: int = MAX_CONTROL_PAYLOAD) -> Header:
+    magic, version, kind, dtype, _reserved, a, b, length = HEADER.unpack(data)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic!r}: the peer does not speak the lightning-adag protocol")
     if version != VERSION:
-        raise ProtocolError(f"protocol version {version}, this side speaks {VERSION}: upgrade lightning-adag")
+        raise ProtocolError(f"protocol version {version}, this side speaks {VERSION}: use one lightning-adag version")
     try:
         kind = Kind(kind)
     except ValueError:
         raise ProtocolError(f"unknown frame type {kind}") from None
     if length > max_payload:
         raise ProtocolError(f"{kind.name} frame of {length} bytes exceeds the limit of {max_payload}")
-    return kind, a, b, length
+    return Header(kind, dtype, a, b, length)
+
+
+def read_payload(sock: socket.socket, header: Header) -> Frame:
+    """The rest of a control frame (its payload, if any, as bytes)."""
+    if header.dtype != NO_TENSOR:
+        raise ProtocolError(f"{header.kind.name} frame carries a tensor where none is expected")
+    return Frame(header.kind, header.a, header.b, recv_exact(sock, header.length) if header.length else b"")
+
+
+def read_tensor_into(sock: socket.socket, header: Header, out: Tensor) -> None:
+    """Receive a tensor payload straight into ``out``, which must match its dtype and size exactly."""
+    if header.dtype != DTYPE_CODES[out.dtype] or header.length != out.nbytes:
+        raise ProtocolError(
+            f"{header.kind.name} frame carries {header.length} bytes of dtype code {header.dtype}, expected"
+            f" {out.nbytes} bytes of {out.dtype}"
+        )
+    recv_into_exact(sock, byte_view(out))
+
+
+def recv(sock: socket.socket, max_payload: int = MAX_CONTROL_PAYLOAD) -> Frame:
+    """Read a whole control frame."""
+    return read_payload(sock, read_header(sock, max_payload))
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -105,8 +161,3 @@ def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
         if n == 0:
             raise EOFError(f"connection closed after {received} of {len(view)} bytes")
         received += n
-
-
-def recv(sock: socket.socket, max_payload: int = MAX_CONTROL_PAYLOAD) -> Frame:
-    kind, a, b, length = decode_header(recv_exact(sock, HEADER.size), max_payload)
-    return Frame(kind, a, b, recv_exact(sock, length) if length else b"")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +16,12 @@ import pytest
 
 SCRIPTS = Path(__file__).parent / "scripts"
 SHM = Path("/dev/shm")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def tagged_processes(tag: str) -> list[psutil.Process]:
@@ -30,8 +37,17 @@ def tagged_processes(tag: str) -> list[psutil.Process]:
 
 
 def adag_leftovers() -> set[str]:
-    """Shared-memory segments and server sockets of this project that exist now."""
-    return {str(p) for p in [*SHM.glob("adag-*"), *Path(tempfile.gettempdir()).glob("adag-*.sock")]}
+    """Shared-memory segments and server sockets of this project whose owner (the pid in their name,
+    ``adag-<pid>-...``) has exited: nobody is left to remove them. Those of live processes are still in use."""
+    paths = [*SHM.glob("adag-*"), *Path(tempfile.gettempdir()).glob("adag-*.sock")]
+    return {str(p) for p in paths if not _alive(int(p.name.split("-")[1].split(".")[0]))}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 class ScriptRun:
@@ -41,22 +57,33 @@ class ScriptRun:
         self.tag = uuid.uuid4().hex
         self.out = tmp_path / "out"
         self.out.mkdir()
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, script: str, *args: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
-        """Start ``python [launcher...] script --out OUT args...``, e.g. ``launcher=("-m", "torch.distributed.run")``."""
-        env = dict(os.environ, ADAG_TEST_TAG=self.tag, PYTHONUNBUFFERED="1")
-        command = [sys.executable, *launcher, str(SCRIPTS / script), "--out", str(self.out), *args]
+        self.procs: list[subprocess.Popen] = []
         self.log = open(self.out / "log.txt", "w+")
-        self.proc = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        return self.proc
 
-    def run(self, script: str, *args: str, timeout: float = 180, launcher: tuple[str, ...] = ()) -> int:
-        self.start(script, *args, launcher=launcher)
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.procs[0] if self.procs else None
+
+    def start(
+        self, script: str, *args: str, launcher: tuple[str, ...] = (), env: dict | None = None, out: bool = True
+    ) -> subprocess.Popen:
+        """Start ``python [launcher...] script [--out OUT] args...`` in a process tree of its own; ``launcher`` is
+        for example ``("-m", "torch.distributed.run", ...)``, ``env`` adds environment variables."""
+        env = dict(os.environ, **(env or {}), ADAG_TEST_TAG=self.tag, PYTHONUNBUFFERED="1")
+        target = [str(SCRIPTS / script), "--out", str(self.out)] if out else [script]
+        command = [sys.executable, *launcher, *target, *args]
+        proc = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, script: str, *args: str, timeout: float = 180, **kwargs) -> int:
+        return self.wait(self.start(script, *args, **kwargs), timeout)
+
+    def wait(self, proc: subprocess.Popen, timeout: float = 180) -> int:
         try:
-            return self.proc.wait(timeout)
+            return proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"{script} did not finish within {timeout} s:\n{self.output()}")
+            pytest.fail(f"{proc.args} did not finish within {timeout} s:\n{self.output()}")
 
     def wait_for(self, name: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -87,8 +114,9 @@ class ScriptRun:
                 proc.send_signal(signal.SIGKILL)
             except psutil.NoSuchProcess:
                 pass
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.wait(10)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.wait(10)
 
 
 @pytest.fixture
@@ -98,7 +126,7 @@ def script(tmp_path):
     run = ScriptRun(tmp_path)
     try:
         yield run
-        if run.proc is not None:
+        if run.procs:
             left = run.leftovers()
             assert not left, f"orphan processes after the run:\n" + "\n".join(left)
             leaked = adag_leftovers() - before

@@ -1,4 +1,4 @@
-"""A real server process reached through real Unix sockets and shared memory."""
+"""A real server process reached through real sockets and shared memory, over both transports."""
 
 from __future__ import annotations
 
@@ -16,46 +16,62 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import adag_leftovers
-from lightning_adag import wire
+from lightning_adag import auth, wire
 from lightning_adag.flat import Layout
 from lightning_adag.server.launch import ServerProcess
-from lightning_adag.transports.shm import ShmClient
+from lightning_adag.transports import connect
+from lightning_adag.transports.tcp import split_address
 
 LAYOUT = Layout(numel=10, trainable=8, dtype=torch.float32, digest="test")
 ADAG = {"name": "adag"}
+KEY = "test-key"
+def fuzz(examples: int) -> settings:
+    return settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def connect(server, rank=0, layout=LAYOUT):
-    return ShmClient(server.address, rank, layout, ADAG, timeout=30)
+class Server:
+    def __init__(self, transport: str) -> None:
+        self.transport = transport
+        self.process = ServerProcess.start(KEY, host="127.0.0.1" if transport == "tcp" else None, log_level="ERROR")
+        self.address = self.process.wait_ready()
+
+    def connect(self, rank=0, layout=LAYOUT, key=KEY):
+        return connect(self.transport, self.address, rank, layout, ADAG, key.encode(), timeout=30)
+
+    def raw_socket(self) -> socket.socket:
+        if self.transport == "tcp":
+            return socket.create_connection(split_address(self.address), timeout=10)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(self.address)
+        return sock
+
+    def center(self):
+        client = self.connect(rank=99)
+        try:
+            receipt = client.pull()
+            return client.mailbox.clone(), receipt.clock
+        finally:
+            client.close()
 
 
-@pytest.fixture(scope="module")
-def server():
+@pytest.fixture(scope="module", params=["shm", "tcp"])
+def server(request):
     before = adag_leftovers()
-    server = ServerProcess.start(log_level="ERROR")
-    server.wait_ready()
-    first = connect(server)
+    server = Server(request.param)
+    first = server.connect()
     first.mailbox.copy_(torch.arange(10, dtype=torch.float32))
     first.initialize(0)
     yield server
     first.close()
-    server.stop()
-    assert server.process.returncode == 0
-    assert adag_leftovers() == before
+    server.process.stop()
+    assert server.process.process.returncode == 0
+    assert not adag_leftovers() - before
 
 
-def center(server):
-    client = connect(server, rank=99)
-    try:
-        receipt = client.pull()
-        return client.mailbox.clone(), receipt.clock
-    finally:
-        client.close()
-
-
-def test_commit_then_pull_through_shared_memory(server):
-    start, clock = center(server)
-    client = connect(server, rank=1)
+def test_commit_then_pull(server):
+    start, clock = server.center()
+    client = server.connect(rank=1)
     client.mailbox.fill_(0.5)
     receipt = client.commit(clock, steps=4)
     assert receipt.clock == clock + 1 and receipt.staleness == 0
@@ -68,8 +84,17 @@ def test_commit_then_pull_through_shared_memory(server):
     client.close()
 
 
-def test_mailboxes_are_unlinked_once_both_sides_map_them(server):
-    client = connect(server, rank=2)
+def test_a_late_worker_pulls_the_center_the_server_holds(server):
+    start, _ = server.center()
+    late = server.connect(rank=5)
+    late.mailbox.fill_(-7.0)  # its own initial parameters
+    late.initialize(0)  # ignored: the server already holds a center
+    assert torch.equal(late.mailbox, start)
+    late.close()
+
+
+def test_mailbox_segments_are_unlinked_once_both_sides_map_them(server):
+    client = server.connect(rank=2)
     client.pull()
     assert not [p for p in adag_leftovers() if p.startswith("/dev/shm")]  # no segment name while connected
     client.close()
@@ -77,52 +102,106 @@ def test_mailboxes_are_unlinked_once_both_sides_map_them(server):
 
 def test_a_worker_with_another_model_gets_a_clear_error(server):
     with pytest.raises(wire.ServerRefusedError, match="model layout mismatch"):
-        connect(server, layout=Layout(numel=12, trainable=8, dtype=torch.float32, digest="other"))
-    assert center(server)[1] >= 0  # still serving
+        server.connect(layout=Layout(numel=12, trainable=8, dtype=torch.float32, digest="other"))
+    assert server.center()[1] >= 0  # still serving
+
+
+def test_a_wrong_key_is_refused_before_anything_else(server):
+    with pytest.raises(auth.AuthenticationError, match="authentication failed"):
+        server.connect(key="not-the-key")
+    assert server.center()[1] >= 0
+
+
+def test_a_server_without_the_key_is_detected_by_the_worker(server):
+    # a fake server that answers the challenge with garbage: the worker must not trust it
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    address = "127.0.0.1:%d" % listener.getsockname()[1]
+
+    def impostor():
+        conn, _ = listener.accept()
+        wire.send(conn, wire.Kind.CHALLENGE, payload=os.urandom(auth.NONCE_BYTES))
+        wire.recv(conn)
+        wire.send(conn, wire.Kind.AUTH_OK, payload=os.urandom(auth.DIGEST_BYTES))
+        conn.close()
+
+    import threading
+
+    thread = threading.Thread(target=impostor)
+    thread.start()
+    with pytest.raises(auth.AuthenticationError, match="could not prove"):
+        connect("tcp", address, 0, LAYOUT, ADAG, KEY.encode(), timeout=10)
+    thread.join()
+    listener.close()
+
+
+def _send_and_drain(server, chunks, authenticate=False):
+    sock = server.raw_socket()
+    try:
+        if authenticate:
+            auth.answer(sock, KEY.encode())
+        for data in chunks:
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(65536):  # the server answers (ERROR, WELCOME, ...) and closes; it never hangs
+            pass
+    except OSError:  # the server may already have closed the connection (broken pipe, reset, not connected)
+        pass
+    finally:
+        sock.close()
+
+
+def _frame(kind, a, b, payload, dtype, cut):
+    return wire.encode(kind, a, b, payload, dtype)[: cut or None]
 
 
 frames = st.one_of(
     st.binary(max_size=200),  # garbage
-    st.builds(  # well-formed headers in any order, with any integers and payload sizes
-        lambda kind, a, b, payload, cut: wire.encode(kind, a, b, payload)[: cut or None],
+    st.builds(  # well-formed headers in any order, with any integers, dtypes and payload sizes, maybe truncated
+        _frame,
         st.sampled_from(list(wire.Kind)),
         st.integers(-(2**63), 2**63 - 1),
         st.integers(-(2**63), 2**63 - 1),
         st.binary(max_size=64),
+        st.integers(0, 6),
         st.integers(0, 40),
     ),
-    st.just(wire.HEADER.pack(wire.MAGIC, wire.VERSION, int(wire.Kind.HELLO), 0, 0, 0, 2**40)),  # oversized
+    st.just(wire.HEADER.pack(wire.MAGIC, wire.VERSION, int(wire.Kind.COMMIT), 1, 0, 0, 0, 2**40)),  # oversized
+    st.just(wire.encode(wire.Kind.HELLO, payload=wire.json_payload({"rank": 1, "layout": LAYOUT.to_json()}))),
 )
 
 
 @given(st.lists(frames, min_size=1, max_size=4))
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_hostile_frames_close_that_connection_and_leave_the_center_alone(server, sequence):
-    before = center(server)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    try:
-        sock.connect(server.address)
-        for data in sequence:
-            sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-        while sock.recv(4096):  # the server answers (ERROR, WELCOME, ...) and closes; it never hangs
-            pass
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    finally:
-        sock.close()
-    after = center(server)
+@fuzz(1000)
+def test_hostile_frames_before_authentication_never_reach_the_center(server, sequence):
+    before = server.center()
+    _send_and_drain(server, sequence)
+    after = server.center()
+    assert after[1] == before[1] and torch.equal(after[0], before[0])
+
+
+@given(st.lists(frames, min_size=1, max_size=4))
+@fuzz(300)
+def test_hostile_frames_from_an_authenticated_peer_close_its_connection_only(server, sequence):
+    before = server.center()
+    _send_and_drain(server, sequence, authenticate=True)
+    after = server.center()
     assert after[1] == before[1] and torch.equal(after[0], before[0])
 
 
 def test_a_stalled_client_does_not_block_other_commits(server):
-    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stalled.connect(server.address)
-    stalled.sendall(wire.encode(wire.Kind.HELLO)[:10])  # half a header, then nothing
+    stalled = server.raw_socket()
+    auth.answer(stalled, KEY.encode())
+    if server.transport == "tcp":  # a commit whose payload never finishes arriving
+        hello = {"rank": 8, "layout": LAYOUT.to_json(), "algorithm": ADAG}
+        wire.send(stalled, wire.Kind.HELLO, payload=wire.json_payload(hello))
+        wire.recv(stalled)
+        header = wire.HEADER.pack(wire.MAGIC, wire.VERSION, int(wire.Kind.COMMIT), 1, 0, 0, 1, LAYOUT.nbytes)
+        stalled.sendall(header + b"\0" * 7)
     try:
-        client = connect(server, rank=3)
-        _, clock = center(server)
+        client = server.connect(rank=3)
+        _, clock = server.center()
         started = time.monotonic()
         for _ in range(20):
             clock = client.commit(clock, 1).clock
@@ -132,36 +211,37 @@ def test_a_stalled_client_does_not_block_other_commits(server):
         stalled.close()
 
 
-def test_a_client_killed_mid_commit_changes_nothing(server, tmp_path):
-    # A child process connects, writes a delta into its mailbox, sends half a COMMIT header and is killed.
+def test_a_client_killed_mid_commit_changes_nothing(server):
+    # A child process connects, sends most of a COMMIT (header and, over TCP, half the vector), and is killed.
     code = f"""
 import os, signal, sys, torch
-sys.path.insert(0, {str(os.path.dirname(__file__))!r})
-from test_server import connect, LAYOUT
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_server import LAYOUT, ADAG, KEY
 from lightning_adag import wire
-class S: address = {server.address!r}
-client = connect(S, rank=7)
+from lightning_adag.transports import connect
+client = connect({server.transport!r}, {server.address!r}, 7, LAYOUT, ADAG, KEY.encode(), timeout=10)
 client.mailbox.fill_(1000.0)
-client._sock.sendall(wire.encode(wire.Kind.COMMIT, 0, 1)[:20])
+frame = wire.HEADER.pack(wire.MAGIC, wire.VERSION, int(wire.Kind.COMMIT), 1, 0, 0, 1, LAYOUT.nbytes)
+client._sock.sendall(frame[:20] if {server.transport!r} == "shm" else frame + bytes(wire.byte_view(client.mailbox))[:20])
 os.kill(os.getpid(), signal.SIGKILL)
 """
-    before = center(server)
+    before = server.center()
     subprocess.run([sys.executable, "-c", code], timeout=60)
     time.sleep(0.2)
-    after = center(server)
+    after = server.center()
     assert after[1] == before[1] and torch.equal(after[0], before[0])
 
 
-def test_the_server_stops_and_cleans_up_when_its_owner_is_killed(tmp_path):
+def test_the_server_stops_and_cleans_up_when_its_owner_is_killed():
     before = adag_leftovers()
     owner_code = """
-import sys, time, torch
+import time, torch
 from lightning_adag.server.launch import ServerProcess
-from lightning_adag.transports.shm import ShmClient
+from lightning_adag.transports import connect
 from lightning_adag.flat import Layout
-server = ServerProcess.start()
-server.wait_ready()
-client = ShmClient(server.address, 0, Layout(10, 8, torch.float32, "x"), {"name": "adag"}, timeout=10)
+server = ServerProcess.start("k")
+address = server.wait_ready()
+client = connect("shm", address, 0, Layout(10, 8, torch.float32, "x"), {"name": "adag"}, b"k", timeout=10)
 print(server.pid, flush=True)
 time.sleep(600)
 """
@@ -175,6 +255,6 @@ time.sleep(600)
         while psutil.pid_exists(server_pid) and psutil.Process(server_pid).status() != psutil.STATUS_ZOMBIE:
             assert time.monotonic() < deadline, "the server outlived its owner"
             time.sleep(0.05)
-        assert adag_leftovers() == before
+        assert not adag_leftovers() - before
     finally:
         owner.kill()

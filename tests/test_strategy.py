@@ -40,7 +40,10 @@ def test_explicit_settings():
     [
         ({"window": 0}, "window must be an integer >= 1"),
         ({"algorithm": "hogwild"}, "unknown algorithm 'hogwild'"),
-        ({"transport": "tcp"}, "not available in this version"),
+        ({"server": "nohost"}, "must look like 'host:port'"),
+        ({"server": "h:99999"}, "must look like 'host:port'"),
+        ({"server": "h:1", "transport": "shm"}, "reached over TCP"),
+        ({"server_port": 70000}, "server_port must be in"),
         ({"transport": "ucx"}, "transport must be one of"),
         ({"start_method": "thread"}, "start_method must be one of"),
         ({"server_timeout": 0}, "server_timeout must be positive"),
@@ -51,9 +54,19 @@ def test_invalid_settings_fail_at_construction(kwargs, match):
         ADAGStrategy(**kwargs)
 
 
-def test_several_nodes_need_a_transport_this_version_lacks():
-    with pytest.raises(ValueError, match="num_nodes=2 needs the TCP transport"):
-        L.Trainer(strategy="adag", accelerator="cpu", devices=2, num_nodes=2, logger=False)
+def test_shared_memory_needs_one_node():
+    with pytest.raises(ValueError, match="transport='shm' needs every worker on one machine"):
+        L.Trainer(strategy=ADAGStrategy(transport="shm"), accelerator="cpu", devices=2, num_nodes=2, logger=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, num_nodes, transport",
+    [({}, 1, "shm"), ({}, 2, "tcp"), ({"transport": "tcp"}, 1, "tcp"), ({"server": "host:29600"}, 1, "tcp")],
+)
+def test_auto_transport_is_shared_memory_on_one_node_and_tcp_otherwise(kwargs, num_nodes, transport):
+    strategy = ADAGStrategy(**kwargs)
+    L.Trainer(strategy=strategy, accelerator="cpu", devices=2, num_nodes=num_nodes, logger=False)
+    assert strategy.transport == transport
 
 
 def test_a_model_without_trainable_parameters_fails_before_any_worker_starts(script):

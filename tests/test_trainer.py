@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import signal
-import socket
 import time
 
 import pytest
 import torch
+
+from conftest import free_port, tagged_processes
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +33,7 @@ def test_trains_to_accuracy_and_leaves_the_center_everywhere(script):
 
 
 def test_torchrun_sets_the_ranks(script):
-    with socket.socket() as probe:  # a free port for torchrun's rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torchrun = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port))
+    torchrun = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()))
     assert_ok(script, script.run("train.py", "--epochs", "2", "--window", "2", launcher=torchrun))
     results = script.results()
     assert sorted(results) == [0, 1]
@@ -134,7 +132,5 @@ def test_killing_the_server_stops_every_worker_with_a_clear_error(script):
 
 
 def _server_process(script):
-    from conftest import tagged_processes
-
     (server,) = [p for p in tagged_processes(script.tag) if "lightning_adag.server" in " ".join(p.cmdline())]
     return server

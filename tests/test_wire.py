@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,9 +25,10 @@ def test_frames_round_trip_through_a_socket(kind, a, b, payload):
 @given(st.binary(min_size=wire.HEADER.size, max_size=wire.HEADER.size))
 def test_any_header_either_decodes_to_a_valid_frame_or_raises_protocol_error(header):
     try:
-        kind, _a, _b, length = wire.decode_header(header)
+        decoded = wire.decode_header(header)
     except wire.ProtocolError:
         return
+    kind, length = decoded.kind, decoded.length
     assert header[:4] == wire.MAGIC and isinstance(kind, wire.Kind) and length <= wire.MAX_CONTROL_PAYLOAD
 
 
@@ -37,9 +40,40 @@ def test_bad_magic_version_type_and_size_are_named():
         wire.decode_header(good[:4] + bytes([9]) + good[5:])
     with pytest.raises(wire.ProtocolError, match="unknown frame type 200"):
         wire.decode_header(good[:5] + bytes([200]) + good[6:])
-    huge = wire.HEADER.pack(wire.MAGIC, wire.VERSION, int(wire.Kind.HELLO), 0, 0, 0, 10**12)
+    huge = wire.HEADER.pack(wire.MAGIC, wire.VERSION, int(wire.Kind.HELLO), 0, 0, 0, 0, 10**12)
     with pytest.raises(wire.ProtocolError, match="exceeds the limit"):
         wire.decode_header(huge)
+
+
+@given(
+    st.sampled_from(sorted(wire.DTYPE_CODES, key=str)),
+    st.integers(1, 5000),
+    st.integers(0, 2**40),
+    st.integers(0, 2**20),
+)
+def test_tensor_frames_round_trip_into_a_preallocated_buffer(dtype, numel, clock, steps):
+    tensor = torch.randn(numel).to(dtype)
+    out = torch.empty(numel, dtype=dtype)
+    left, right = socket.socketpair()
+    with left, right:
+        sender = threading.Thread(target=wire.send_tensor, args=(left, wire.Kind.COMMIT, tensor, clock, steps))
+        sender.start()
+        header = wire.read_header(right, max_payload=tensor.nbytes)
+        wire.read_tensor_into(right, header, out)
+        sender.join()
+    assert (header.kind, header.a, header.b) == (wire.Kind.COMMIT, clock, steps)
+    assert torch.equal(out, tensor)
+
+
+def test_a_tensor_of_another_size_or_dtype_is_refused_before_reading_it():
+    left, right = socket.socketpair()
+    with left, right:
+        wire.send_tensor(left, wire.Kind.COMMIT, torch.zeros(4))
+        header = wire.read_header(right, max_payload=1024)
+        with pytest.raises(wire.ProtocolError, match="expected 40 bytes"):
+            wire.read_tensor_into(right, header, torch.empty(10))
+        with pytest.raises(wire.ProtocolError, match="carries a tensor"):
+            wire.read_payload(right, header)
 
 
 def test_a_truncated_frame_is_end_of_file():

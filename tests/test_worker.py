@@ -11,13 +11,13 @@ from torch import nn
 from lightning_adag.algorithms import ADAG
 from lightning_adag.flat import FlatState
 from lightning_adag.server.launch import ServerProcess
-from lightning_adag.transports.shm import ShmClient
+from lightning_adag.transports import connect
 from lightning_adag.worker import Worker
 
 
 @pytest.fixture(scope="module")
 def server():
-    server = ServerProcess.start(log_level="ERROR")
+    server = ServerProcess.start("k", log_level="ERROR")
     server.wait_ready()
     yield server
     server.stop()
@@ -42,7 +42,8 @@ def step(model, optimizer, batch):
 def join(server, model, window, rank=0):
     flat = FlatState(model)
     algorithm = ADAG(window)
-    worker = Worker(flat, ShmClient(server.address, rank, flat.layout, algorithm.spec(), timeout=30), algorithm)
+    client = connect("shm", server.address, rank, flat.layout, algorithm.spec(), b"k", timeout=30)
+    worker = Worker(flat, client, algorithm)
     worker.offer_initial_center(0)
     worker.reset_to_center()
     return worker

@@ -127,6 +127,24 @@ class ServerCore:
             out.copy_(self.center)
             return Receipt(self.clock)
 
+    def snapshot(self) -> dict | None:
+        """Everything needed to restart from here (see :meth:`restore`), or None before initialization."""
+        with self._lock:
+            if not self.initialized:
+                return None
+            return {
+                "center": self.center.clone(),
+                "clock": self.clock,
+                "layout": self.layout.to_json(),
+                "algorithm": dict(self.algorithm_spec),
+            }
+
+    def restore(self, snapshot: dict) -> None:
+        """Start from a :meth:`snapshot`: its layout and algorithm bind later workers, its center and clock are
+        the server's."""
+        self.configure(Layout.from_json(snapshot["layout"]), snapshot["algorithm"])
+        self.initialize(snapshot["center"], int(snapshot["clock"]))
+
     def stats(self) -> dict:
         with self._lock:
             return {

@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lightning_adag import auth
 from lightning_adag.transports import shm
 
 
@@ -33,23 +34,31 @@ class ServerProcess:
         self._ready = ready
 
     @classmethod
-    def start(cls, log_level: str = "WARNING") -> ServerProcess:
-        """Start the process; it imports and binds in the background until :meth:`wait_ready`."""
+    def start(
+        cls, key: str, host: str | None = None, port: int = 0, log_level: str = "WARNING"
+    ) -> ServerProcess:
+        """Start the process: on a Unix socket of this machine (shared memory) when ``host`` is None, else on TCP
+        ``host:port`` (0 picks a free port). It imports and binds in the background until :meth:`wait_ready`."""
         shm_prefix = f"adag-{os.getpid()}-{secrets.token_hex(4)}"
         socket_path = Path(tempfile.gettempdir(), f"{shm_prefix}.sock")
         lifeline_read, lifeline_write = os.pipe()
         ready_read, ready_write = os.pipe()
+        listen = ["--unix", str(socket_path)] if host is None else ["--host", host, "--port", str(port)]
         command = [
-            sys.executable, "-m", "lightning_adag.server",
-            "--unix", str(socket_path),
+            sys.executable, "-m", "lightning_adag.server", *listen,
             "--shm-prefix", shm_prefix,
             "--lifeline-fd", str(lifeline_read),
             "--ready-fd", str(ready_write),
             "--log-level", log_level,
         ]  # fmt: skip
+        env = {**os.environ, auth.KEY_ENV: key}
         try:
             process = subprocess.Popen(
-                command, pass_fds=(lifeline_read, ready_write), start_new_session=True, stdin=subprocess.DEVNULL
+                command,
+                env=env,
+                pass_fds=(lifeline_read, ready_write),
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
             )
         except BaseException:
             os.close(lifeline_write)
@@ -64,7 +73,7 @@ class ServerProcess:
         """Block until the server listens; return its address."""
         if not self.address:
             try:
-                self.address = _read_ready_line(self._ready, self.process, timeout)["address"]
+                self.address = _read_ready_line(self._ready, self.process, timeout)["addresses"][0]
             finally:
                 os.close(self._ready)
                 self._ready = -1

@@ -1,8 +1,9 @@
-"""The parameter-server process: accepts workers, answers their frames, and shuts down cleanly.
+"""The parameter-server process's connections: accept workers, authenticate them, and answer their frames.
 
-One thread per connected worker, so a slow or stalled worker never blocks another's commits; the commits
-themselves are serialized by :class:`ServerCore`'s lock (the tensor arithmetic releases the GIL).
-A connection that sends anything malformed gets an ERROR frame and is closed; the center is untouched.
+One thread per connected worker, so a slow or stalled worker never blocks another's commits; commits themselves
+are serialized by :class:`ServerCore`'s lock (the tensor arithmetic releases the GIL). A tensor payload is
+received completely into the connection's own buffer before the core sees it, so a worker that dies in the middle
+of a commit changes nothing. A connection that sends anything malformed gets an ERROR frame and is closed.
 """
 
 from __future__ import annotations
@@ -14,45 +15,56 @@ import socket
 import threading
 from pathlib import Path
 
-from lightning_adag import wire
+from lightning_adag import auth, wire
 from lightning_adag.flat import Layout
 from lightning_adag.server.core import LayoutMismatchError, ServerCore
-from lightning_adag.transports import shm
+from lightning_adag.transports import shm, tcp
 
 log = logging.getLogger("lightning_adag.server")
 
+HANDSHAKE_TIMEOUT = 10.0  # seconds a peer has to authenticate and say hello
+_REFUSED = (
+    wire.ProtocolError, auth.AuthenticationError, LayoutMismatchError, KeyError, TypeError, ValueError, RuntimeError
+)
+
 
 class Service:
-    """Serves one :class:`ServerCore` over a listening Unix socket, with a mailbox segment per worker named
-    ``/dev/shm/<shm_prefix>-w<N>``."""
+    """Serves one :class:`ServerCore` on any number of listening sockets: Unix sockets carry the shared-memory
+    transport (mailboxes named ``/dev/shm/<shm_prefix>-w<N>``), TCP sockets carry vectors in their frames."""
 
-    def __init__(self, listener: socket.socket, shm_prefix: str, core: ServerCore | None = None) -> None:
-        self.core = core or ServerCore()
-        self._listener = listener
+    def __init__(self, core: ServerCore, key: bytes, shm_prefix: str) -> None:
+        self.core = core
+        self._key = key
         self._shm_prefix = shm_prefix
+        self._listeners: list[socket.socket] = []
         self._ids = itertools.count()
         self._connections: set[socket.socket] = set()
         self._guard = threading.Lock()
 
+    def listen(self, sock: socket.socket) -> None:
+        sock.listen(256)
+        self._listeners.append(sock)
+
     def serve(self, lifeline: int | None = None) -> None:
-        """Accept workers until the lifeline (a pipe whose write end the owner holds) reaches end-of-file,
-        or forever when there is none. Raise SystemExit from a signal handler to stop early."""
+        """Accept workers until the lifeline (a pipe whose write end the owner holds) reaches end-of-file, or
+        forever when there is none. A signal handler that raises (SystemExit) stops it early."""
         with selectors.DefaultSelector() as selector:
-            selector.register(self._listener, selectors.EVENT_READ, "accept")
+            for listener in self._listeners:
+                selector.register(listener, selectors.EVENT_READ, listener)
             if lifeline is not None:
-                selector.register(lifeline, selectors.EVENT_READ, "lifeline")
+                selector.register(lifeline, selectors.EVENT_READ, None)
             while True:
                 for key, _ in selector.select():
-                    if key.data == "lifeline":
+                    if key.data is None:
                         log.info("owner process is gone; shutting down")
                         return
-                    conn, _ = self._listener.accept()
-                    threading.Thread(target=self._serve_worker, args=(conn,), daemon=True).start()
+                    conn, peer = key.data.accept()
+                    threading.Thread(target=self._serve_worker, args=(conn, peer), daemon=True).start()
 
     def close(self) -> None:
-        """Stop serving: close the listener and every worker connection (their threads then release their
-        mailboxes)."""
-        self._listener.close()
+        """Close the listeners and every worker connection (their threads then release their buffers)."""
+        for listener in self._listeners:
+            listener.close()
         with self._guard:
             for conn in list(self._connections):
                 try:
@@ -60,60 +72,76 @@ class Service:
                 except OSError:
                     pass
 
-    def _serve_worker(self, conn: socket.socket) -> None:
+    def _serve_worker(self, conn: socket.socket, peer) -> None:
         with self._guard:
             self._connections.add(conn)
-        mailbox_path = Path(shm.SHM_DIR, f"{self._shm_prefix}-w{next(self._ids)}")
-        rank = None
+        channel = None
+        who = f"peer {peer or 'on the Unix socket'}"
         try:
+            conn.settimeout(HANDSHAKE_TIMEOUT)
+            auth.challenge(conn, self._key)
             hello = wire.recv(conn)
             if hello.kind is not wire.Kind.HELLO:
-                raise wire.ProtocolError(f"expected HELLO first, got {hello.kind.name}")
+                raise wire.ProtocolError(f"expected HELLO after authentication, got {hello.kind.name}")
             request = hello.json()
-            rank = int(request["rank"])
-            layout = Layout.from_json(request["layout"])
+            rank, layout = int(request["rank"]), Layout.from_json(request["layout"])
+            who = f"worker {rank} ({peer or 'shared memory'})"
             self.core.configure(layout, dict(request["algorithm"]))
-            mailbox = shm.create_segment(mailbox_path, layout.numel, layout.dtype)
-            log.info("worker %s joined (%d elements, clock %d)", rank, layout.numel, self.core.clock)
-            welcome = {"mailbox": str(mailbox_path), "initialized": self.core.initialized, "clock": self.core.clock}
+            channel = self._open_channel(conn, layout)
+            welcome = {**channel.welcome, "initialized": self.core.initialized, "clock": self.core.clock}
             wire.send(conn, wire.Kind.WELCOME, payload=wire.json_payload(welcome))
-            frame = wire.recv(conn)
-            shm.unlink_quietly(mailbox_path)  # both sides have it mapped now
+            conn.settimeout(None)  # between commits a worker computes for as long as it needs
+            log.info("%s joined at clock %d", who, self.core.clock)
+            max_payload = max(layout.nbytes, wire.MAX_CONTROL_PAYLOAD)
+            header = wire.read_header(conn, max_payload)
+            channel.attached()
             while True:
-                self._answer(conn, rank, frame, mailbox)
-                frame = wire.recv(conn)
+                self._answer(conn, rank, header, channel)
+                header = wire.read_header(conn, max_payload)
         except EOFError:
             pass
-        except (wire.ProtocolError, LayoutMismatchError, KeyError, TypeError, ValueError, RuntimeError) as err:
-            log.warning("closing connection of worker %s: %s", rank, err)
-            try:
-                wire.send(conn, wire.Kind.ERROR, payload=str(err).encode("utf-8", "replace"))
-            except OSError:
-                pass
+        except _REFUSED as err:
+            log.warning("closing the connection of %s: %s", who, err)
+            if not isinstance(err, auth.AuthenticationError):  # challenge() already told the peer
+                try:
+                    wire.send(conn, wire.Kind.ERROR, payload=str(err).encode("utf-8", "replace"))
+                except OSError:
+                    pass
         except OSError as err:
-            log.info("worker %s connection dropped: %s", rank, err)
+            log.info("%s dropped: %s", who, err)
         finally:
-            shm.unlink_quietly(mailbox_path)
+            if channel is not None:
+                channel.close()
+                log.info("%s left", who)
             with self._guard:
                 self._connections.discard(conn)
             conn.close()
-            if rank is not None:
-                log.info("worker %s left", rank)
 
-    def _answer(self, conn: socket.socket, rank: int, frame: wire.Frame, mailbox) -> None:
+    def _open_channel(self, conn: socket.socket, layout: Layout):
+        if conn.family == socket.AF_UNIX:
+            return shm.ShmChannel(Path(shm.SHM_DIR, f"{self._shm_prefix}-w{next(self._ids)}"), layout)
+        tcp.tune(conn)
+        return tcp.TcpChannel(layout)
+
+    def _answer(self, conn: socket.socket, rank: int, header: wire.Header, channel) -> None:
+        kind = header.kind
+        if kind in (wire.Kind.COMMIT, wire.Kind.INIT):
+            channel.receive(conn, header)
+            if kind is wire.Kind.COMMIT:
+                if header.b < 1:
+                    raise ValueError(f"a commit must cover at least one step, got {header.b}")
+                receipt = self.core.commit(rank, channel.buffer, header.a, out=channel.buffer)
+            else:
+                self.core.initialize(channel.buffer, header.a)
+                receipt = self.core.read(channel.buffer)
+            channel.send_center(conn, receipt.clock, receipt.staleness)
+            return
+        frame = wire.read_payload(conn, header)
         if frame.payload:
-            raise wire.ProtocolError(f"{frame.kind.name} carries no payload on the shared-memory transport")
-        if frame.kind is wire.Kind.COMMIT:
-            if frame.b < 1:
-                raise ValueError(f"a commit must cover at least one step, got {frame.b}")
-            receipt = self.core.commit(rank, mailbox, frame.a, out=mailbox)
-            wire.send(conn, wire.Kind.CENTER, receipt.clock, receipt.staleness)
-        elif frame.kind is wire.Kind.PULL:
-            wire.send(conn, wire.Kind.CENTER, self.core.read(mailbox).clock)
-        elif frame.kind is wire.Kind.INIT:
-            self.core.initialize(mailbox, frame.a)
-            wire.send(conn, wire.Kind.CENTER, self.core.read(mailbox).clock)
-        elif frame.kind is wire.Kind.STATS:
+            raise wire.ProtocolError(f"{kind.name} carries no payload")
+        if kind is wire.Kind.PULL:
+            channel.send_center(conn, self.core.read(channel.buffer).clock, 0)
+        elif kind is wire.Kind.STATS:
             wire.send(conn, wire.Kind.REPORT, payload=wire.json_payload(self.core.stats()))
         else:
-            raise wire.ProtocolError(f"unexpected {frame.kind.name} frame from a worker")
+            raise wire.ProtocolError(f"unexpected {kind.name} frame from a worker")

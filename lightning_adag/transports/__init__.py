@@ -1,2 +1,20 @@
-"""How workers reach the parameter server. Every transport's client has the same interface: ``mailbox``,
-``initialize``, ``commit``, ``pull``, ``stats`` and ``close`` (see :class:`~lightning_adag.transports.shm.ShmClient`)."""
+"""How workers reach the parameter server: ``shm`` (shared memory, one machine) or ``tcp`` (any machine).
+
+Each transport module holds both halves: the worker's client (a :class:`~lightning_adag.transports.client.Client`)
+and the server's per-connection channel.
+"""
+
+from __future__ import annotations
+
+from lightning_adag.flat import Layout
+from lightning_adag.transports.client import Client
+from lightning_adag.transports.shm import ShmClient
+from lightning_adag.transports.tcp import TcpClient
+
+CLIENTS: dict[str, type[Client]] = {"shm": ShmClient, "tcp": TcpClient}
+
+
+def connect(
+    transport: str, address: str, rank: int, layout: Layout, algorithm_spec: dict, key: bytes, timeout: float
+) -> Client:
+    return CLIENTS[transport](address, rank, layout, algorithm_spec, key, timeout)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lightning_adag import wire
 from lightning_adag.flat import Layout
-from lightning_adag.server.core import Receipt
+from lightning_adag.transports.client import Client
 
 SHM_DIR = Path("/dev/shm")
 
@@ -57,58 +57,48 @@ def remove_segments(prefix: str) -> list[str]:
     return removed
 
 
-class ShmClient:
-    """A worker's connection to a server on the same machine.
+class ShmClient(Client):
+    """A worker's connection to a server on the same machine, at the path of its Unix socket."""
 
-    ``mailbox`` is the shared vector: write the outgoing delta into it before :meth:`commit`; after
-    :meth:`commit` or :meth:`pull` returns, it holds the center at the clock the receipt names.
-    """
-
-    def __init__(self, address: str, rank: int, layout: Layout, algorithm_spec: dict, timeout: float) -> None:
-        self.address = address
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
+    def __init__(self, address: str, rank: int, layout: Layout, algorithm_spec: dict, key: bytes, timeout: float):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
         try:
-            self._sock.connect(address)
+            sock.connect(address)
         except OSError as err:
-            self._sock.close()
+            sock.close()
             raise wire.ServerGoneError(f"cannot reach the parameter server at {address}: {err}") from err
-        welcome = self._request(
-            wire.Kind.HELLO,
-            payload=wire.json_payload({"rank": rank, "layout": layout.to_json(), "algorithm": algorithm_spec}),
-            expect=wire.Kind.WELCOME,
-        ).json()
-        self.mailbox = map_segment(Path(welcome["mailbox"]), layout.numel, layout.dtype)
+        super().__init__(sock, address, rank, layout, algorithm_spec, key)
 
-    def initialize(self, clock: int) -> Receipt:
-        """Offer the mailbox's contents as the initial center at ``clock``; the server keeps the center it
-        already holds, if any. The receipt names the clock of the server's center either way."""
-        return Receipt(self._request(wire.Kind.INIT, a=clock, expect=wire.Kind.CENTER).a)
+    def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
+        return map_segment(Path(welcome["mailbox"]), layout.numel, layout.dtype)
 
-    def commit(self, pulled_clock: int, steps: int) -> Receipt:
-        frame = self._request(wire.Kind.COMMIT, a=pulled_clock, b=steps, expect=wire.Kind.CENTER)
-        return Receipt(frame.a, frame.b)
+    def _send_request(self, kind: wire.Kind, a: int, b: int, send_mailbox: bool) -> None:
+        wire.send(self._sock, kind, a, b)  # the vector is already in the shared mailbox
 
-    def pull(self) -> Receipt:
-        return Receipt(self._request(wire.Kind.PULL, expect=wire.Kind.CENTER).a)
+    def _receive_center(self, header: wire.Header) -> None:
+        if header.length:
+            raise wire.ProtocolError("a CENTER frame over shared memory carries no payload")
 
-    def stats(self) -> dict:
-        return self._request(wire.Kind.STATS, expect=wire.Kind.REPORT).json()
+
+class ShmChannel:
+    """The server's side of one shared-memory connection: the mailbox segment it created for that worker."""
+
+    def __init__(self, path: Path, layout: Layout) -> None:
+        self.path = path
+        self.buffer = create_segment(path, layout.numel, layout.dtype)
+        self.welcome = {"mailbox": str(path)}
+
+    def attached(self) -> None:
+        """The worker sent a frame after WELCOME, so it has mapped the mailbox: the name is no longer needed."""
+        unlink_quietly(self.path)
+
+    def receive(self, sock: socket.socket, header: wire.Header) -> None:
+        if header.length:
+            raise wire.ProtocolError(f"{header.kind.name} carries no payload on the shared-memory transport")
+
+    def send_center(self, sock: socket.socket, clock: int, staleness: int) -> None:
+        wire.send(sock, wire.Kind.CENTER, clock, staleness)
 
     def close(self) -> None:
-        self._sock.close()
-
-    def _request(self, kind: wire.Kind, a: int = 0, b: int = 0, payload: bytes = b"", *, expect: wire.Kind):
-        try:
-            wire.send(self._sock, kind, a, b, payload)
-            frame = wire.recv(self._sock)
-        except (EOFError, ConnectionError, TimeoutError) as err:
-            raise wire.ServerGoneError(
-                f"the parameter server at {self.address} is gone ({type(err).__name__}: {err}) while this worker"
-                f" sent {kind.name}; it has probably died, see its log above"
-            ) from err
-        if frame.kind is wire.Kind.ERROR:
-            raise wire.ServerRefusedError(f"the parameter server refused {kind.name}: {frame.payload.decode()}")
-        if frame.kind is not expect:
-            raise wire.ProtocolError(f"expected {expect.name} in answer to {kind.name}, got {frame.kind.name}")
-        return frame
+        unlink_quietly(self.path)

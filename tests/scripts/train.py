@@ -78,12 +78,16 @@ class Recorder(Callback):
         self.args = args
         self.commit_times: list[float] = []
         self.start_clock = None
+        self.final_clock = None
         self.sampler = None
 
     def on_train_start(self, trainer, pl_module):
         self.start_clock = trainer.strategy.worker.pulled_clock
         sampler = trainer.train_dataloader.sampler
         self.sampler = [type(sampler).__name__, getattr(sampler, "num_replicas", None), getattr(sampler, "rank", None)]
+
+    def on_train_end(self, trainer, pl_module):
+        self.final_clock = trainer.strategy.worker.pulled_clock  # ADAGCallback's final pull ran before this
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         cb = next(c for c in trainer.callbacks if isinstance(c, lightning_adag.ADAGCallback))
@@ -121,6 +125,9 @@ def main() -> None:
     p.add_argument("--resume", help="checkpoint to resume from")
     p.add_argument("--no-val", action="store_true")
     p.add_argument("--start-method", default="popen")
+    p.add_argument("--transport", default="auto")
+    p.add_argument("--server", help="host:port of a running adag-server")
+    p.add_argument("--num-nodes", type=int, default=1)
     args = p.parse_args()
 
     L.seed_everything(int(os.environ.get("LOCAL_RANK", 0)))  # different inits per rank: the center must unify them
@@ -132,7 +139,10 @@ def main() -> None:
     if args.checkpoint:
         callbacks.append(ModelCheckpoint(dirpath=Path(args.out, "ckpt"), save_last=True))
     trainer = L.Trainer(
-        strategy=lightning_adag.ADAGStrategy(window=args.window, start_method=args.start_method),
+        strategy=lightning_adag.ADAGStrategy(
+            window=args.window, start_method=args.start_method, transport=args.transport, server=args.server
+        ),
+        num_nodes=args.num_nodes,
         accelerator="cpu",
         devices=args.devices,
         max_epochs=args.epochs,
@@ -151,6 +161,7 @@ def main() -> None:
         "rank": trainer.global_rank,
         "commit_times": recorder.commit_times,
         "start_clock": recorder.start_clock,
+        "final_clock": recorder.final_clock,
         "sampler": recorder.sampler,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,

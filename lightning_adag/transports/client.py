@@ -1,0 +1,105 @@
+"""What every transport's client shares: connect, authenticate, introduce the model, and request/answer."""
+
+from __future__ import annotations
+
+import socket
+
+from torch import Tensor
+
+from lightning_adag import auth, wire
+from lightning_adag.flat import Layout
+from lightning_adag.server.core import Receipt
+
+
+class Client:
+    """A worker's connection to the server.
+
+    ``mailbox`` is the flat vector exchanged with the server: write the outgoing vector into it before
+    :meth:`initialize` or :meth:`commit`; after :meth:`initialize`, :meth:`commit` or :meth:`pull` returns, it holds
+    the center at the clock the receipt names. Subclasses say where the mailbox lives and how its bytes travel.
+    """
+
+    mailbox: Tensor
+
+    def __init__(
+        self, sock: socket.socket, address: str, rank: int, layout: Layout, algorithm_spec: dict, key: bytes
+    ) -> None:
+        self.address = address
+        self._sock = sock
+        try:
+            self._introduce(rank, layout, algorithm_spec, key)
+        except BaseException:
+            sock.close()
+            raise
+
+    def initialize(self, clock: int) -> Receipt:
+        """Offer the mailbox as the initial center at ``clock``; a server that holds a center keeps it. Either
+        way the mailbox then holds the server's center."""
+        return self._exchange(wire.Kind.INIT, clock, 0, send_mailbox=True)
+
+    def commit(self, pulled_clock: int, steps: int) -> Receipt:
+        return self._exchange(wire.Kind.COMMIT, pulled_clock, steps, send_mailbox=True)
+
+    def pull(self) -> Receipt:
+        return self._exchange(wire.Kind.PULL, 0, 0, send_mailbox=False)
+
+    def stats(self) -> dict:
+        return self._control(wire.Kind.STATS, b"", expect=wire.Kind.REPORT).json()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    # --------------------------------------------------------------------------------- transport-specific
+    def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
+        raise NotImplementedError
+
+    def _send_request(self, kind: wire.Kind, a: int, b: int, send_mailbox: bool) -> None:
+        raise NotImplementedError
+
+    def _receive_center(self, header: wire.Header) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def _introduce(self, rank: int, layout: Layout, algorithm_spec: dict, key: bytes) -> None:
+        try:
+            auth.answer(self._sock, key)
+        except (EOFError, OSError) as err:
+            raise self._gone("its key", err) from err
+        hello = {"rank": rank, "layout": layout.to_json(), "algorithm": algorithm_spec}
+        welcome = self._control(wire.Kind.HELLO, wire.json_payload(hello), expect=wire.Kind.WELCOME)
+        self.mailbox = self._open_mailbox(welcome.json(), layout)
+
+    def _exchange(self, kind: wire.Kind, a: int, b: int, send_mailbox: bool) -> Receipt:
+        try:
+            self._send_request(kind, a, b, send_mailbox)
+            header = wire.read_header(self._sock, max_payload=max(self.mailbox.nbytes, wire.MAX_CONTROL_PAYLOAD))
+            if header.kind is wire.Kind.CENTER:
+                self._receive_center(header)
+                return Receipt(header.a, header.b)
+            frame = wire.read_payload(self._sock, header)
+        except (EOFError, OSError) as err:
+            raise self._gone(kind.name, err) from err
+        raise self._unexpected(kind, frame, wire.Kind.CENTER)
+
+    def _control(self, kind: wire.Kind, payload: bytes, *, expect: wire.Kind) -> wire.Frame:
+        try:
+            wire.send(self._sock, kind, payload=payload)
+            frame = wire.recv(self._sock)
+        except (EOFError, OSError) as err:
+            raise self._gone(kind.name, err) from err
+        if frame.kind is not expect:
+            raise self._unexpected(kind, frame, expect)
+        return frame
+
+    def _unexpected(self, kind: wire.Kind, frame: wire.Frame, expect: wire.Kind) -> Exception:
+        if frame.kind is wire.Kind.ERROR:
+            return wire.ServerRefusedError(
+                f"the parameter server refused {kind.name}: {frame.payload.decode(errors='replace')}"
+            )
+        return wire.ProtocolError(f"expected {expect.name} in answer to {kind.name}, got {frame.kind.name}")
+
+    def _gone(self, what: str, err: BaseException) -> wire.ServerGoneError:
+        return wire.ServerGoneError(
+            f"the parameter server at {self.address} is gone ({type(err).__name__}: {err}) while this worker"
+            f" sent {what}; it has probably died, see its log"
+        )

@@ -1,0 +1,90 @@
+"""TCP transport: the vector travels inside the frames, for workers on other machines.
+
+A commit is one COMMIT frame whose payload is the delta's raw bytes, sent from the worker's mailbox; the server
+receives it with ``recv_into`` straight into that connection's preallocated buffer, applies it, and answers with a
+CENTER frame carrying the new center, which the worker receives straight into its mailbox. A connection that
+breaks in the middle of a frame is dropped before its commit is applied.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import torch
+from torch import Tensor
+
+from lightning_adag import wire
+from lightning_adag.flat import Layout
+from lightning_adag.transports.client import Client
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` (or ``"[v6]:port"``) -> (host, port), with an error that says what is expected."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"server address must look like 'host:port', got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def tune(sock: socket.socket) -> None:
+    """No Nagle delay on the small frames that follow a large payload."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class TcpClient(Client):
+    """A worker's connection to a server at ``host:port``."""
+
+    def __init__(self, address: str, rank: int, layout: Layout, algorithm_spec: dict, key: bytes, timeout: float):
+        sock = _connect(address, timeout)
+        tune(sock)
+        super().__init__(sock, address, rank, layout, algorithm_spec, key)
+
+    def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
+        return torch.empty(layout.numel, dtype=layout.dtype)
+
+    def _send_request(self, kind: wire.Kind, a: int, b: int, send_mailbox: bool) -> None:
+        if send_mailbox:
+            wire.send_tensor(self._sock, kind, self.mailbox, a, b)
+        else:
+            wire.send(self._sock, kind, a, b)
+
+    def _receive_center(self, header: wire.Header) -> None:
+        wire.read_tensor_into(self._sock, header, self.mailbox)
+
+
+def _connect(address: str, timeout: float) -> socket.socket:
+    """Connect, retrying while nothing listens yet (a standalone server may still be starting) for up to
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        try:
+            return socket.create_connection(split_address(address), timeout=timeout)
+        except ConnectionRefusedError as err:
+            if time.monotonic() + delay > deadline:
+                raise wire.ServerGoneError(f"nothing listens at {address} (waited {timeout:.0f} s): {err}") from err
+        except OSError as err:
+            raise wire.ServerGoneError(f"cannot reach the parameter server at {address}: {err}") from err
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+class TcpChannel:
+    """The server's side of one TCP connection: a receive buffer the size of the model."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.buffer = torch.empty(layout.numel, dtype=layout.dtype)
+        self.welcome: dict = {}
+
+    def attached(self) -> None:
+        pass
+
+    def receive(self, sock: socket.socket, header: wire.Header) -> None:
+        wire.read_tensor_into(sock, header, self.buffer)
+
+    def send_center(self, sock: socket.socket, clock: int, staleness: int) -> None:
+        wire.send_tensor(sock, wire.Kind.CENTER, self.buffer, clock, staleness)
+
+    def close(self) -> None:
+        pass

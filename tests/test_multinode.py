@@ -1,0 +1,105 @@
+"""TCP runs: two "nodes" as separate process trees on this machine, and a standalone server that outlives runs."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from conftest import free_port, tagged_processes
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ("--epochs", "3", "--window", "2", "--batch-size", "32")
+
+
+def assert_two_workers_agree_and_learn(script, codes):
+    assert codes == [0, 0], script.output()
+    results = script.results()
+    assert sorted(results) == [0, 1]
+    assert results[0]["digest"] == results[1]["digest"]  # both nodes hold the final center
+    assert results[0]["validate"]["val_acc"] >= 0.85  # as single-node runs reach with these settings
+    return results
+
+
+def test_two_nodes_launched_by_lightning_reach_single_node_accuracy(script):
+    port = str(free_port())
+    procs = [
+        script.start(
+            "train.py", *TRAIN, "--num-nodes", "2", "--devices", "1",
+            env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(node)},
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    assert_two_workers_agree_and_learn(script, [script.wait(p) for p in procs])
+
+
+def test_two_nodes_launched_by_torchrun(script):
+    port = str(free_port())
+    procs = [
+        script.start(
+            "train.py", *TRAIN, "--num-nodes", "2", "--devices", "1",
+            launcher=(
+                "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+                "--master-addr", "127.0.0.1", "--master-port", port,
+            ),
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    assert_two_workers_agree_and_learn(script, [script.wait(p) for p in procs])
+
+
+def test_a_standalone_server_outlives_runs_and_its_own_restart(script, tmp_path):
+    port, key = free_port(), {"ADAG_AUTH_KEY": "standalone-test-key"}
+    snapshot = tmp_path / "center.pt"
+    server_args = ("--host", "127.0.0.1", "--port", str(port), "--checkpoint", str(snapshot), "--checkpoint-every", "1")
+
+    def start_server():
+        return script.start("lightning_adag.server", *server_args, launcher=("-m",), env=key, out=False)
+
+    server = start_server()
+    train = ("train.py", "--devices", "1", "--max-steps", "10", "--window", "2", "--server", f"127.0.0.1:{port}")
+    train += ("--no-val",)
+    assert script.run(*train, env=key) == 0, script.output()
+    first_clock = _clock(script)
+    assert first_clock > 0
+
+    # a second run joins the same server late: it starts from the center and the clock the first run left
+    (script.out / "rank0.json").unlink()
+    assert script.run(*train, env=key) == 0, script.output()
+    assert script.results()[0]["start_clock"] == first_clock
+
+    # the server stops on SIGTERM with a last snapshot; a new server restores it
+    server.send_signal(signal.SIGTERM)
+    assert script.wait(server, 30) == 0
+    saved = torch.load(snapshot, weights_only=True)
+    assert saved["clock"] > first_clock
+    server = start_server()
+    (script.out / "rank0.json").unlink()
+    assert script.run(*train, env=key) == 0, script.output()
+    assert script.results()[0]["start_clock"] == saved["clock"]
+    assert "worker 0" in script.output() and "joined" in script.output()  # the server logs each worker
+    server.send_signal(signal.SIGTERM)
+    script.wait(server, 30)
+
+
+def test_workers_without_the_key_are_refused_with_a_clear_error(script):
+    port = free_port()
+    server = script.start(
+        "lightning_adag.server", "--host", "127.0.0.1", "--port", str(port),
+        launcher=("-m",), env={"ADAG_AUTH_KEY": "right"}, out=False,
+    )  # fmt: skip
+    code = script.run(
+        "train.py", "--devices", "1", "--max-steps", "4", "--server", f"127.0.0.1:{port}", "--no-val",
+        env={"ADAG_AUTH_KEY": "wrong"},
+    )
+    assert code != 0
+    assert "authentication failed" in script.output()
+    server.send_signal(signal.SIGTERM)
+    script.wait(server, 30)
+
+
+def _clock(script) -> int:
+    result = script.results()[0]
+    return result["final_clock"]
