@@ -19,7 +19,10 @@ from __future__ import annotations
 from types import FrameType
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.callbacks.timer import Interval
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 
 def disable_lockstep(trainer: pl.Trainer) -> None:
@@ -39,3 +42,18 @@ def disable_lockstep(trainer: pl.Trainer) -> None:
     epoch_loop._broadcast_sigterm_tensor = stop_on_local_sigterm
     # Read by `register_signal_handlers`, which the Trainer calls after `strategy.setup`.
     connector._sigterm_notifier_fn = notify_sigterm_locally
+
+
+def check_asynchrony(trainer: pl.Trainer) -> None:
+    """Refuse or flag Trainer settings that need every worker at the same batch at the same moment."""
+    if trainer._val_check_time_interval is not None:
+        raise ValueError(
+            "a time-based val_check_interval makes each worker decide on its own clock when to validate, but"
+            " validation on the center needs every worker: give val_check_interval as a number of batches or a"
+            " fraction of the epoch"
+        )
+    if any(isinstance(cb, Timer) and cb._interval == Interval.step for cb in trainer.callbacks):
+        rank_zero_warn(
+            "Trainer(max_time=...) (a Timer checking every step) broadcasts from rank 0 after every batch, which makes"
+            " ADAG workers wait for each other; prefer max_epochs or max_steps, or Timer(interval='epoch')"
+        )

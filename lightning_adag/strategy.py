@@ -10,7 +10,6 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
@@ -28,7 +27,7 @@ from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from typing_extensions import override
@@ -37,7 +36,7 @@ from lightning_adag import auth
 from lightning_adag.algorithms import Algorithm, resolve_algorithm, suggested_window
 from lightning_adag.callback import ADAGCallback
 from lightning_adag.flat import FlatState, check_shareable
-from lightning_adag.lockstep import disable_lockstep
+from lightning_adag.lockstep import check_asynchrony, disable_lockstep
 from lightning_adag.server.launch import ServerProcess
 from lightning_adag.transports import connect
 from lightning_adag.transports.tcp import split_address
@@ -46,6 +45,7 @@ from lightning_adag.worker import Worker
 log = logging.getLogger(__name__)
 
 _START_METHODS = ("popen", "spawn", "fork", "forkserver")
+DRIFT_TIMEOUT = timedelta(hours=24)
 _TRANSPORTS = ("auto", "shm", "tcp")
 
 
@@ -71,6 +71,8 @@ class ADAGStrategy(ParallelStrategy):
             or ``"forkserver"``.
         server_timeout: seconds a worker waits for the server to answer before it fails.
         process_group_backend, timeout: for the control-plane process group (epoch-level metric sync, barriers).
+            Its collectives wait for the slowest worker, which may be epochs behind a fast one, so the default
+            timeout is 24 hours rather than DDP's 30 minutes; a worker that dies still fails them at once.
     """
 
     strategy_name = "adag"
@@ -88,7 +90,7 @@ class ADAGStrategy(ParallelStrategy):
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
+        timeout: timedelta | None = DRIFT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         server_timeout: float = 120.0,
     ) -> None:
@@ -177,12 +179,14 @@ class ADAGStrategy(ParallelStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         self._ensure_callback(self.lightning_module.trainer)
-        if self._external_server is None and self.is_global_zero:
+        needs_server = not self._evaluates_checkpoint(self.lightning_module.trainer)
+        if needs_server and self._external_server is None and self.is_global_zero:
             # starts while the other workers still start up and meet in the rendezvous
             self._key = auth.new_key().encode()
             self._server = ServerProcess.start(self._key.decode(), *self._server_bind_address())
         self._setup_distributed()
-        self._server_address, self._key = self._share_server_address()
+        if needs_server:
+            self._server_address, self._key = self._share_server_address()
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -190,7 +194,11 @@ class ADAGStrategy(ParallelStrategy):
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        self.worker = self._join_server(trainer)
+        check_asynchrony(trainer)
+        if self._evaluates_checkpoint(trainer):
+            self.worker = None  # the checkpoint holds a center saved by this strategy: evaluate exactly that
+        else:
+            self.worker = self._join_server(trainer)
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
@@ -294,6 +302,10 @@ class ADAGStrategy(ParallelStrategy):
         port = self._server_port if self._server_port is not None else self.cluster_environment.main_port + 1
         return host, port
 
+    @staticmethod
+    def _evaluates_checkpoint(trainer: pl.Trainer) -> bool:
+        return trainer.state.fn != TrainerFn.FITTING and trainer.ckpt_path is not None
+
     def _share_server_address(self) -> tuple[str, bytes]:
         """Everyone learns the server's address and key from rank 0 (the run's rendezvous carries them), or rank
         0's failure to start it, so that every worker raises rather than waiting on a rank that already failed.
@@ -334,7 +346,14 @@ class ADAGStrategy(ParallelStrategy):
         )
         worker = Worker(flat, client, self.algorithm)
         if self.is_global_zero:
-            worker.offer_initial_center(self._callback(trainer).restored_clock)
+            callback = self._callback(trainer)
+            receipt = worker.offer_initial_center(callback.restored_clock)
+            if trainer.ckpt_path is not None and receipt.clock != callback.restored_clock:
+                rank_zero_warn(
+                    f"the server already holds a center (clock {receipt.clock}), so it replaces the weights restored"
+                    f" from {trainer.ckpt_path} (clock {callback.restored_clock}); the optimizer state is restored"
+                )
+            callback.restored_clock = 0  # consumed: a later fit on this Trainer starts a new server at 0
         self.barrier("adag_center_initialized")
         self.checkpoint_clock = worker.reset_to_center().clock
         self.barrier("adag_center_pulled")

@@ -258,3 +258,35 @@ time.sleep(600)
         assert not adag_leftovers() - before
     finally:
         owner.kill()
+
+
+def test_a_flood_of_silent_peers_does_not_stop_the_server(server):
+    peers = []
+    try:
+        for _ in range(100):  # more than the 64 handshakes allowed at once: the rest are closed at once
+            peers.append(server.raw_socket())
+    finally:
+        for peer in peers:
+            peer.close()
+    time.sleep(0.5)
+    assert server.center()[1] >= 0  # still serving
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_shared_memory_gives_a_clear_error_not_a_crash(tiny_tmpfs):
+    from lightning_adag.transports.shm import SharedMemoryFullError, create_segment
+
+    with pytest.raises(SharedMemoryFullError, match="--shm-size"):
+        create_segment(tiny_tmpfs / "mailbox", 4 * 2**20, torch.float32)
+    assert not list(tiny_tmpfs.iterdir())

@@ -20,8 +20,8 @@ from lightning_adag.transports import shm
 class ServerProcess:
     """A parameter server child process, owned by the process that started it.
 
-    The server gets the read end of a pipe (the lifeline) and stops by itself when it reaches end-of-file, so it
-    never outlives its owner, even one killed with SIGKILL. It runs in its own session so that a Ctrl+C in the
+    The server gets the read end of a pipe (the lifeline) and stops by itself when it reaches end-of-file or its
+    parent changes, so it never outlives its owner, even one killed with SIGKILL. It runs in its own session so that a Ctrl+C in the
     terminal reaches the training processes, which then stop it in order, rather than the server first.
     """
 
@@ -84,20 +84,19 @@ class ServerProcess:
         return self.process.pid
 
     def stop(self, grace: float = 10.0) -> None:
-        """Stop the server and remove anything it left. Closing the lifeline asks it to shut down cleanly;
-        SIGTERM follows after ``grace`` seconds, then SIGKILL."""
+        """Stop the server (SIGTERM: it finishes serving and cleans up; SIGKILL after ``grace`` seconds) and
+        remove anything it could not."""
         for fd in (self._lifeline, self._ready):
             if fd >= 0:
                 os.close(fd)
         self._lifeline = self._ready = -1
-        for escalate in (None, signal.SIGTERM, signal.SIGKILL):
-            if escalate is not None and self.process.poll() is None:
-                self.process.send_signal(escalate)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(grace)
-                break
             except subprocess.TimeoutExpired:
-                continue
+                self.process.kill()
+                self.process.wait()
         shm.remove_segments(self._shm_prefix)
         shm.unlink_quietly(self._socket_path)
 

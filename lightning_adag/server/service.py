@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import selectors
 import socket
 import threading
+import time
 from pathlib import Path
 
 from lightning_adag import auth, wire
@@ -22,9 +24,18 @@ from lightning_adag.transports import shm, tcp
 
 log = logging.getLogger("lightning_adag.server")
 
-HANDSHAKE_TIMEOUT = 10.0  # seconds a peer has to authenticate and say hello
+HANDSHAKE_TIMEOUT = 10.0  # seconds a peer has, in all, to authenticate and say hello
+MAX_PENDING_HANDSHAKES = 64  # connections allowed to be authenticating at once
 _REFUSED = (
-    wire.ProtocolError, auth.AuthenticationError, LayoutMismatchError, KeyError, TypeError, ValueError, RuntimeError
+    wire.ProtocolError,
+    auth.AuthenticationError,
+    LayoutMismatchError,
+    KeyError,
+    TypeError,
+    ValueError,
+    ArithmeticError,
+    RuntimeError,
+    shm.SharedMemoryFullError,
 )
 
 
@@ -40,26 +51,51 @@ class Service:
         self._ids = itertools.count()
         self._connections: set[socket.socket] = set()
         self._guard = threading.Lock()
+        self._handshake_slots = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
 
     def listen(self, sock: socket.socket) -> None:
         sock.listen(256)
         self._listeners.append(sock)
 
     def serve(self, lifeline: int | None = None) -> None:
-        """Accept workers until the lifeline (a pipe whose write end the owner holds) reaches end-of-file, or
-        forever when there is none. A signal handler that raises (SystemExit) stops it early."""
+        """Accept workers until the owner is gone, or forever when there is none. The owner holds the write end
+        of the ``lifeline`` pipe; end-of-file means it exited. Its children may have inherited that end by
+        forking, so the parent pid is checked too. A signal handler that raises (SystemExit) stops it early."""
+        owner = os.getppid()
         with selectors.DefaultSelector() as selector:
             for listener in self._listeners:
                 selector.register(listener, selectors.EVENT_READ, listener)
             if lifeline is not None:
                 selector.register(lifeline, selectors.EVENT_READ, None)
             while True:
-                for key, _ in selector.select():
+                for key, _ in selector.select(timeout=1.0):
                     if key.data is None:
                         log.info("owner process is gone; shutting down")
                         return
-                    conn, peer = key.data.accept()
-                    threading.Thread(target=self._serve_worker, args=(conn, peer), daemon=True).start()
+                    self._accept(key.data)
+                if lifeline is not None and os.getppid() != owner:
+                    log.info("owner process is gone; shutting down")
+                    return
+
+    def _accept(self, listener: socket.socket) -> None:
+        """Start a worker's thread, unless too many peers are still unauthenticated; never let an accept error
+        (out of file descriptors, a peer that reset at once) stop the server."""
+        try:
+            conn, peer = listener.accept()
+        except OSError as err:
+            log.warning("accept failed: %s", err)
+            time.sleep(0.05)
+            return
+        if not self._handshake_slots.acquire(blocking=False):
+            log.warning("refusing %s: %d peers are still authenticating", peer, MAX_PENDING_HANDSHAKES)
+            conn.close()
+            return
+        try:
+            threading.Thread(target=self._serve_worker, args=(conn, peer), daemon=True).start()
+        except RuntimeError as err:  # cannot start a thread
+            log.warning("refusing %s: %s", peer, err)
+            self._handshake_slots.release()
+            conn.close()
 
     def close(self) -> None:
         """Close the listeners and every worker connection (their threads then release their buffers)."""
@@ -67,30 +103,32 @@ class Service:
             listener.close()
         with self._guard:
             for conn in list(self._connections):
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                _shut(conn)
 
     def _serve_worker(self, conn: socket.socket, peer) -> None:
         with self._guard:
             self._connections.add(conn)
         channel = None
         who = f"peer {peer or 'on the Unix socket'}"
+        # One deadline for the whole handshake (a per-recv timeout lets a peer trickle a byte at a time).
+        watchdog = threading.Timer(HANDSHAKE_TIMEOUT, _shut, args=(conn,))
+        watchdog.start()
         try:
-            conn.settimeout(HANDSHAKE_TIMEOUT)
-            auth.challenge(conn, self._key)
-            hello = wire.recv(conn)
-            if hello.kind is not wire.Kind.HELLO:
-                raise wire.ProtocolError(f"expected HELLO after authentication, got {hello.kind.name}")
-            request = hello.json()
-            rank, layout = int(request["rank"]), Layout.from_json(request["layout"])
-            who = f"worker {rank} ({peer or 'shared memory'})"
-            self.core.configure(layout, dict(request["algorithm"]))
-            channel = self._open_channel(conn, layout)
+            try:
+                auth.challenge(conn, self._key)
+                hello = wire.recv(conn)
+                if hello.kind is not wire.Kind.HELLO:
+                    raise wire.ProtocolError(f"expected HELLO after authentication, got {hello.kind.name}")
+                request = hello.json()
+                rank, layout = int(request["rank"]), Layout.from_json(request["layout"])
+                who = f"worker {rank} ({peer or 'shared memory'})"
+                self.core.configure(layout, dict(request["algorithm"]))
+                channel = self._open_channel(conn, layout)
+            finally:
+                watchdog.cancel()
+                self._handshake_slots.release()
             welcome = {**channel.welcome, "initialized": self.core.initialized, "clock": self.core.clock}
             wire.send(conn, wire.Kind.WELCOME, payload=wire.json_payload(welcome))
-            conn.settimeout(None)  # between commits a worker computes for as long as it needs
             log.info("%s joined at clock %d", who, self.core.clock)
             max_payload = max(layout.nbytes, wire.MAX_CONTROL_PAYLOAD)
             header = wire.read_header(conn, max_payload)
@@ -121,6 +159,7 @@ class Service:
         if conn.family == socket.AF_UNIX:
             return shm.ShmChannel(Path(shm.SHM_DIR, f"{self._shm_prefix}-w{next(self._ids)}"), layout)
         tcp.tune(conn)
+        tcp.keep_alive(conn)  # a worker whose machine vanished (no FIN) is dropped, and its buffer freed
         return tcp.TcpChannel(layout)
 
     def _answer(self, conn: socket.socket, rank: int, header: wire.Header, channel) -> None:
@@ -145,3 +184,10 @@ class Service:
             wire.send(conn, wire.Kind.REPORT, payload=wire.json_payload(self.core.stats()))
         else:
             raise wire.ProtocolError(f"unexpected {kind.name} frame from a worker")
+
+
+def _shut(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

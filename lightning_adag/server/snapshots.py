@@ -24,6 +24,7 @@ class Snapshotter:
         self.path = Path(path)
         self.every = every
         self._saved_clock: int | None = None
+        self._writing = threading.Lock()  # the periodic thread and the final save at shutdown
 
     def restore(self) -> None:
         if not self.path.exists():
@@ -35,13 +36,14 @@ class Snapshotter:
         log.info("restored the center at clock %d from %s", self.core.clock, self.path)
 
     def save(self) -> None:
-        snapshot = self.core.snapshot()
-        if snapshot is None or snapshot["clock"] == self._saved_clock:
-            return
-        partial = self.path.with_name(self.path.name + ".partial")
-        torch.save(snapshot, partial)
-        os.replace(partial, self.path)
-        self._saved_clock = snapshot["clock"]
+        with self._writing:
+            snapshot = self.core.snapshot()
+            if snapshot is None or snapshot["clock"] == self._saved_clock:
+                return
+            partial = self.path.with_name(self.path.name + ".partial")
+            torch.save(snapshot, partial)
+            os.replace(partial, self.path)
+            self._saved_clock = snapshot["clock"]
         log.info("snapshot at clock %d written to %s", snapshot["clock"], self.path)
 
     def run(self, stop: threading.Event) -> None:

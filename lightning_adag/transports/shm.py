@@ -13,6 +13,7 @@ leave a segment behind.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -26,14 +27,29 @@ from lightning_adag.transports.client import Client
 SHM_DIR = Path("/dev/shm")
 
 
+class SharedMemoryFullError(MemoryError):
+    """/dev/shm has no room for another mailbox."""
+
+
 def create_segment(path: Path, numel: int, dtype: torch.dtype) -> Tensor:
-    """Create a new shared-memory file (never reusing an existing one) and map it as a tensor."""
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    """Create a new shared-memory file (never reusing an existing one) and map it as a tensor.
+
+    The memory is reserved up front: a sparse file would only find out that /dev/shm is full at the first write,
+    as a SIGBUS that kills the process.
+    """
+    nbytes = numel * dtype.itemsize
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
-        os.ftruncate(fd, nbytes)
-    finally:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as err:
         os.close(fd)
+        unlink_quietly(path)
+        free = shutil.disk_usage(SHM_DIR).free
+        raise SharedMemoryFullError(
+            f"cannot reserve {nbytes / 2**20:.0f} MiB in {SHM_DIR} ({free / 2**20:.0f} MiB free: {err.strerror}):"
+            " enlarge it (docker run --shm-size=...) or use transport='tcp'"
+        ) from err
+    os.close(fd)
     return map_segment(path, numel, dtype)
 
 

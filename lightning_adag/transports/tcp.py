@@ -53,6 +53,15 @@ class TcpClient(Client):
         wire.read_tensor_into(self._sock, header, self.mailbox)
 
 
+def keep_alive(sock: socket.socket, idle: int = 60, interval: int = 10, probes: int = 6) -> None:
+    """Have the kernel probe an idle connection and drop it after about ``idle + interval * probes`` seconds of
+    silence from a peer that vanished."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", probes)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 def _connect(address: str, timeout: float) -> socket.socket:
     """Connect, retrying while nothing listens yet (a standalone server may still be starting) for up to
     ``timeout`` seconds."""
