@@ -179,14 +179,12 @@ class ADAGStrategy(ParallelStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         self._ensure_callback(self.lightning_module.trainer)
-        needs_server = not self._evaluates_checkpoint(self.lightning_module.trainer)
-        if needs_server and self._external_server is None and self.is_global_zero:
+        if self._external_server is None and self.is_global_zero:
             # starts while the other workers still start up and meet in the rendezvous
             self._key = auth.new_key().encode()
             self._server = ServerProcess.start(self._key.decode(), *self._server_bind_address())
         self._setup_distributed()
-        if needs_server:
-            self._server_address, self._key = self._share_server_address()
+        self._server_address, self._key = self._share_server_address()
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -304,6 +302,8 @@ class ADAGStrategy(ParallelStrategy):
 
     @staticmethod
     def _evaluates_checkpoint(trainer: pl.Trainer) -> bool:
+        """Whether this run evaluates weights restored from ``ckpt_path`` (known only once they are restored:
+        before that, ``trainer.ckpt_path`` still names the previous call's checkpoint)."""
         return trainer.state.fn != TrainerFn.FITTING and trainer.ckpt_path is not None
 
     def _share_server_address(self) -> tuple[str, bytes]:

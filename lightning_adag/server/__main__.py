@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+from typing import NoReturn
 
 import torch
 
@@ -81,8 +82,15 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Run the server until stopped, then exit at once: the clean-up that matters is done by then, and the
+    interpreter's own teardown of torch took seconds on a loaded machine, past the owner's patience."""
+    code = serve(parse_args(argv))
+    logging.shutdown()
+    os._exit(code)
+
+
+def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="[adag-server %(asctime)s] %(message)s", stream=sys.stderr)
     try:
         key = auth.key_from_env()
@@ -115,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the clean-up even if asked again
+        log.info("stopping")
         stop_snapshots.set()
         service.close()
         if snapshotter is not None:
@@ -122,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.unix is not None:
             shm.unlink_quietly(args.unix)
         shm.remove_segments(args.shm_prefix)
+        log.info("stopped")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
