@@ -20,9 +20,11 @@ needs_cuda = pytest.mark.skipif(
     kernels.triton is None or not torch.cuda.is_available(), reason="needs a CUDA device and triton"
 )
 
+F32 = torch.float32
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 # The edges of the last, partial block and a few odd primes, plus anything up to three blocks.
-SIZES = st.one_of(st.sampled_from([1, 2, 7, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 1, 4093]), st.integers(1, 3 * BLOCK))
+EDGES = [1, 2, 7, 4093, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 1]
+SIZES = st.one_of(st.sampled_from(EDGES), st.integers(1, 3 * BLOCK))
 INTERPRETED = settings(max_examples=30, deadline=None)  # each interpreted call takes milliseconds
 
 
@@ -183,8 +185,9 @@ def test_empty_vectors_are_a_no_op():
 # ------------------------------------------------------------------------------------------ compiled, on a GPU
 @needs_cuda
 @pytest.mark.parametrize("size", [1, BLOCK - 1, BLOCK + 1, 1_000_003])
-@pytest.mark.parametrize(("param", "wire"), [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
-                                             (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("param", "wire"), [(F32, F32), (F32, torch.bfloat16), (torch.bfloat16, torch.bfloat16), (torch.float16, F32)]
+)
 def test_cuda_kernels_match_reference(size, param, wire):
     """Compiled code may fuse a multiply and an add into one FMA (one rounding fewer): allow two units."""
     theta, theta0, center, residual = vectors(size, size, param, param, torch.float32, torch.float32, device="cuda")
