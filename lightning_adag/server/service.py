@@ -163,27 +163,27 @@ class Service:
         return tcp.TcpChannel(layout)
 
     def _answer(self, conn: socket.socket, rank: int, header: wire.Header, channel) -> None:
-        kind = header.kind
-        if kind in (wire.Kind.COMMIT, wire.Kind.INIT):
-            channel.receive(conn, header)
-            if kind is wire.Kind.COMMIT:
-                if header.b < 1:
-                    raise ValueError(f"a commit must cover at least one step, got {header.b}")
-                receipt = self.core.commit(rank, channel.buffer, header.a, out=channel.buffer)
-            else:
-                self.core.initialize(channel.buffer, header.a)
-                receipt = self.core.read(channel.buffer)
-            channel.send_center(conn, receipt.clock, receipt.staleness)
-            return
-        frame = wire.read_payload(conn, header)
-        if frame.payload:
-            raise wire.ProtocolError(f"{kind.name} carries no payload")
-        if kind is wire.Kind.PULL:
-            channel.send_center(conn, self.core.read(channel.buffer).clock, 0)
-        elif kind is wire.Kind.STATS:
-            wire.send(conn, wire.Kind.REPORT, payload=wire.json_payload(self.core.stats()))
+        kind, buffer = header.kind, channel.buffer
+        if kind is wire.Kind.COMMIT:
+            channel.receive(conn, header, buffer)
+            if header.b < 1:
+                raise ValueError(f"a commit must cover at least one step, got {header.b}")
+            receipt = self.core.commit(rank, buffer, header.a, out=buffer)
+            channel.reply(conn, wire.Kind.CENTER, receipt.clock, receipt.staleness, buffer)
+        elif kind is wire.Kind.INIT:
+            channel.receive(conn, header, buffer)
+            self.core.initialize(buffer, header.a)
+            channel.reply(conn, wire.Kind.CENTER, self.core.read(buffer).clock, 0, buffer)
         else:
-            raise wire.ProtocolError(f"unexpected {kind.name} frame from a worker")
+            frame = wire.read_payload(conn, header)
+            if frame.payload:
+                raise wire.ProtocolError(f"{kind.name} carries no payload")
+            if kind is wire.Kind.PULL:
+                channel.reply(conn, wire.Kind.CENTER, self.core.read(buffer).clock, 0, buffer)
+            elif kind is wire.Kind.STATS:
+                wire.send(conn, wire.Kind.REPORT, payload=wire.json_payload(self.core.stats()))
+            else:
+                raise wire.ProtocolError(f"unexpected {kind.name} frame from a worker")
 
 
 def _shut(conn: socket.socket) -> None:

@@ -35,13 +35,13 @@ class Client:
     def initialize(self, clock: int) -> Receipt:
         """Offer the mailbox as the initial center at ``clock``; a server that holds a center keeps it. Either
         way the mailbox then holds the server's center."""
-        return self._exchange(wire.Kind.INIT, clock, 0, send_mailbox=True)
+        return self._exchange(wire.Kind.INIT, clock, 0, self.mailbox, wire.Kind.CENTER, self.mailbox)
 
     def commit(self, pulled_clock: int, steps: int) -> Receipt:
-        return self._exchange(wire.Kind.COMMIT, pulled_clock, steps, send_mailbox=True)
+        return self._exchange(wire.Kind.COMMIT, pulled_clock, steps, self.mailbox, wire.Kind.CENTER, self.mailbox)
 
     def pull(self) -> Receipt:
-        return self._exchange(wire.Kind.PULL, 0, 0, send_mailbox=False)
+        return self._exchange(wire.Kind.PULL, 0, 0, None, wire.Kind.CENTER, self.mailbox)
 
     def stats(self) -> dict:
         return self._control(wire.Kind.STATS, b"", expect=wire.Kind.REPORT).json()
@@ -53,10 +53,12 @@ class Client:
     def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
         raise NotImplementedError
 
-    def _send_request(self, kind: wire.Kind, a: int, b: int, send_mailbox: bool) -> None:
+    def _send(self, kind: wire.Kind, a: int, b: int, vector: Tensor | None) -> None:
+        """Send a request; ``vector`` (a view of the mailbox, or None) is what it carries to the server."""
         raise NotImplementedError
 
-    def _receive_center(self, header: wire.Header) -> None:
+    def _receive(self, header: wire.Header, vector: Tensor) -> None:
+        """Complete a reply whose vector belongs in ``vector`` (a view of the mailbox)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------- helpers
@@ -69,17 +71,21 @@ class Client:
         welcome = self._control(wire.Kind.HELLO, wire.json_payload(hello), expect=wire.Kind.WELCOME)
         self.mailbox = self._open_mailbox(welcome.json(), layout)
 
-    def _exchange(self, kind: wire.Kind, a: int, b: int, send_mailbox: bool) -> Receipt:
+    def _exchange(
+        self, kind: wire.Kind, a: int, b: int, sent: Tensor | None, expect: wire.Kind, received: Tensor
+    ) -> Receipt:
+        """One request carrying ``sent`` (or nothing), answered by an ``expect`` frame whose vector lands in
+        ``received``."""
         try:
-            self._send_request(kind, a, b, send_mailbox)
+            self._send(kind, a, b, sent)
             header = wire.read_header(self._sock, max_payload=max(self.mailbox.nbytes, wire.MAX_CONTROL_PAYLOAD))
-            if header.kind is wire.Kind.CENTER:
-                self._receive_center(header)
+            if header.kind is expect:
+                self._receive(header, received)
                 return Receipt(header.a, header.b)
             frame = wire.read_payload(self._sock, header)
         except (EOFError, OSError) as err:
             raise self._gone(kind.name, err) from err
-        raise self._unexpected(kind, frame, wire.Kind.CENTER)
+        raise self._unexpected(kind, frame, expect)
 
     def _control(self, kind: wire.Kind, payload: bytes, *, expect: wire.Kind) -> wire.Frame:
         try:

@@ -89,12 +89,12 @@ class ShmClient(Client):
     def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
         return map_segment(Path(welcome["mailbox"]), layout.numel, layout.dtype)
 
-    def _send_request(self, kind: wire.Kind, a: int, b: int, send_mailbox: bool) -> None:
+    def _send(self, kind: wire.Kind, a: int, b: int, vector: Tensor | None) -> None:
         wire.send(self._sock, kind, a, b)  # the vector is already in the shared mailbox
 
-    def _receive_center(self, header: wire.Header) -> None:
+    def _receive(self, header: wire.Header, vector: Tensor) -> None:
         if header.length:
-            raise wire.ProtocolError("a CENTER frame over shared memory carries no payload")
+            raise wire.ProtocolError(f"a {header.kind.name} frame over shared memory carries no payload")
 
 
 class ShmChannel:
@@ -109,12 +109,13 @@ class ShmChannel:
         """The worker sent a frame after WELCOME, so it has mapped the mailbox: the name is no longer needed."""
         unlink_quietly(self.path)
 
-    def receive(self, sock: socket.socket, header: wire.Header) -> None:
+    def receive(self, sock: socket.socket, header: wire.Header, vector: Tensor) -> None:
+        """The vector a request carries is already in ``vector``, a view of the mailbox."""
         if header.length:
             raise wire.ProtocolError(f"{header.kind.name} carries no payload on the shared-memory transport")
 
-    def send_center(self, sock: socket.socket, clock: int, staleness: int) -> None:
-        wire.send(sock, wire.Kind.CENTER, clock, staleness)
+    def reply(self, sock: socket.socket, kind: wire.Kind, a: int, b: int, vector: Tensor) -> None:
+        wire.send(sock, kind, a, b)
 
     def close(self) -> None:
         unlink_quietly(self.path)

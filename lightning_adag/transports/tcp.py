@@ -43,14 +43,14 @@ class TcpClient(Client):
     def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
         return torch.empty(layout.numel, dtype=layout.dtype)
 
-    def _send_request(self, kind: wire.Kind, a: int, b: int, send_mailbox: bool) -> None:
-        if send_mailbox:
-            wire.send_tensor(self._sock, kind, self.mailbox, a, b)
-        else:
+    def _send(self, kind: wire.Kind, a: int, b: int, vector: Tensor | None) -> None:
+        if vector is None:
             wire.send(self._sock, kind, a, b)
+        else:
+            wire.send_tensor(self._sock, kind, vector, a, b)
 
-    def _receive_center(self, header: wire.Header) -> None:
-        wire.read_tensor_into(self._sock, header, self.mailbox)
+    def _receive(self, header: wire.Header, vector: Tensor) -> None:
+        wire.read_tensor_into(self._sock, header, vector)
 
 
 def keep_alive(sock: socket.socket, idle: int = 60, interval: int = 10, probes: int = 6) -> None:
@@ -89,11 +89,12 @@ class TcpChannel:
     def attached(self) -> None:
         pass
 
-    def receive(self, sock: socket.socket, header: wire.Header) -> None:
-        wire.read_tensor_into(sock, header, self.buffer)
+    def receive(self, sock: socket.socket, header: wire.Header, vector: Tensor) -> None:
+        """Receive the vector a request carries into ``vector``, a view of this connection's buffer."""
+        wire.read_tensor_into(sock, header, vector)
 
-    def send_center(self, sock: socket.socket, clock: int, staleness: int) -> None:
-        wire.send_tensor(sock, wire.Kind.CENTER, self.buffer, clock, staleness)
+    def reply(self, sock: socket.socket, kind: wire.Kind, a: int, b: int, vector: Tensor) -> None:
+        wire.send_tensor(sock, kind, vector, a, b)
 
     def close(self) -> None:
         pass
