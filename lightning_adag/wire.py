@@ -32,6 +32,9 @@ class Kind(enum.IntEnum):
     STATS = 7  # worker -> server; answered by REPORT
     REPORT = 8  # server -> worker, JSON statistics
     ERROR = 9  # server -> worker, UTF-8 message; the server closes the connection after it
+    GET_STATE = 10  # worker -> server, a = index of an algorithm state vector; answered by STATE
+    PUT_STATE = 11  # worker -> server, a = index; restore that vector from the mailbox before INIT; answered by STATE
+    STATE = 12  # server -> worker, a = clock, b = 1 if taken (PUT_STATE); the vector in the mailbox (GET_STATE)
 
 
 class ProtocolError(ConnectionError):

@@ -109,10 +109,16 @@ class Service:
             receipt = self.core.commit(rank, mailbox, frame.a, out=mailbox)
             wire.send(conn, wire.Kind.CENTER, receipt.clock, receipt.staleness)
         elif frame.kind is wire.Kind.PULL:
-            wire.send(conn, wire.Kind.CENTER, self.core.read(mailbox).clock)
+            wire.send(conn, wire.Kind.CENTER, self.core.read(mailbox, rank).clock)
         elif frame.kind is wire.Kind.INIT:
             self.core.initialize(mailbox, frame.a)
-            wire.send(conn, wire.Kind.CENTER, self.core.read(mailbox).clock)
+            wire.send(conn, wire.Kind.CENTER, self.core.read(mailbox, rank).clock)
+        elif frame.kind is wire.Kind.GET_STATE:
+            receipt = self.core.read_state(frame.a, mailbox[: self.core.layout.trainable])
+            wire.send(conn, wire.Kind.STATE, receipt.clock)
+        elif frame.kind is wire.Kind.PUT_STATE:
+            taken = self.core.load_state(frame.a, mailbox[: self.core.layout.trainable])
+            wire.send(conn, wire.Kind.STATE, self.core.clock, int(taken))
         elif frame.kind is wire.Kind.STATS:
             wire.send(conn, wire.Kind.REPORT, payload=wire.json_payload(self.core.stats()))
         else:

@@ -92,6 +92,16 @@ class ShmClient:
     def pull(self) -> Receipt:
         return Receipt(self._request(wire.Kind.PULL, expect=wire.Kind.CENTER).a)
 
+    def get_state(self, index: int) -> Receipt:
+        """Copy the server's algorithm state vector number ``index`` into the mailbox's trainable region; the
+        receipt names the clock it belongs to."""
+        return Receipt(self._request(wire.Kind.GET_STATE, a=index, expect=wire.Kind.STATE).a)
+
+    def put_state(self, index: int) -> bool:
+        """Offer the mailbox's trainable region as the server's algorithm state vector number ``index`` (from a
+        checkpoint); the server takes it (True) only while it holds no center yet."""
+        return bool(self._request(wire.Kind.PUT_STATE, a=index, expect=wire.Kind.STATE).b)
+
     def stats(self) -> dict:
         return self._request(wire.Kind.STATS, expect=wire.Kind.REPORT).json()
 

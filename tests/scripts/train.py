@@ -78,7 +78,13 @@ class Recorder(Callback):
         self.args = args
         self.commit_times: list[float] = []
         self.start_clock = None
+        self.start_server_state = None
         self.sampler = None
+
+    def on_fit_start(self, trainer, pl_module):
+        # right after the strategy joined the server; another worker may commit before this read: keep its clock
+        clock, state = trainer.strategy.worker.server_state()
+        self.start_server_state = {"clock": clock, **{name: tensor.tolist() for name, tensor in state.items()}}
 
     def on_train_start(self, trainer, pl_module):
         self.start_clock = trainer.strategy.worker.pulled_clock
@@ -101,6 +107,12 @@ def digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def algorithm(args: argparse.Namespace) -> lightning_adag.Algorithm:
+    if args.outer_momentum:
+        return lightning_adag.ADAG(args.window, outer_momentum=args.outer_momentum)
+    return lightning_adag.algorithms.resolve_algorithm(args.algorithm, args.window)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -121,6 +133,8 @@ def main() -> None:
     p.add_argument("--resume", help="checkpoint to resume from")
     p.add_argument("--no-val", action="store_true")
     p.add_argument("--start-method", default="popen")
+    p.add_argument("--algorithm", default="adag", choices=sorted(lightning_adag.algorithms.ALGORITHMS))
+    p.add_argument("--outer-momentum", type=float, default=0.0, help="ADAG with a server-side Nesterov optimizer")
     args = p.parse_args()
 
     L.seed_everything(int(os.environ.get("LOCAL_RANK", 0)))  # different inits per rank: the center must unify them
@@ -132,7 +146,7 @@ def main() -> None:
     if args.checkpoint:
         callbacks.append(ModelCheckpoint(dirpath=Path(args.out, "ckpt"), save_last=True))
     trainer = L.Trainer(
-        strategy=lightning_adag.ADAGStrategy(window=args.window, start_method=args.start_method),
+        strategy=lightning_adag.ADAGStrategy(algorithm=algorithm(args), start_method=args.start_method),
         accelerator="cpu",
         devices=args.devices,
         max_epochs=args.epochs,
@@ -151,6 +165,7 @@ def main() -> None:
         "rank": trainer.global_rank,
         "commit_times": recorder.commit_times,
         "start_clock": recorder.start_clock,
+        "start_server_state": recorder.start_server_state,
         "sampler": recorder.sampler,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
