@@ -281,7 +281,7 @@ def plot(results: list[dict], path: Path) -> None:
         for r in results:
             if r["workers"] == n and "error" not in r:
                 t, acc = zip(*r["curve"])
-                window = "" if r["window"] is None else f" λ={r['window']}"
+                window = "" if r["window"] is None or "λ" in r["label"] else f" λ={r['window']}"
                 ax.plot(t, acc, marker=".", label=f"{r['label']}{window}")
         ax.set(title=f"n = {n} workers", xlabel="training wall-clock (s)", ylim=(0, 1))
         ax.grid(alpha=0.3)
