@@ -99,6 +99,22 @@ def _check_downpour_is_local_training(server):
     worker.close()
 
 
+def test_staleness_scaling_is_a_no_op_for_a_lone_worker_even_when_it_peeks_at_the_center():
+    # one worker: the center it commits onto is the center it pulled, so every factor is 1 and ADAG(gamma) is ADAG
+    with own_server() as server:
+        model = make_model()
+        worker = join(server, model, window=None, algorithm=ADAG(window=2, gamma=1e-4))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for index, batch in enumerate(batches(8), start=1):
+            step(model, optimizer, batch)
+            if index % 2 == 0:
+                theta0, theta = worker.theta0.clone(), worker.theta.clone()
+                worker.show_center()  # a pull that does not start a window: the server must keep the window's
+                worker.commit(2)
+                torch.testing.assert_close(worker.theta, theta0 + (theta - theta0) / 2)
+        worker.close()
+
+
 def test_server_state_travels_to_a_new_server_with_the_initial_center():
     """What a checkpoint does: read the outer momentum from one server, restore it into a fresh one."""
     algorithm = ADAG(window=2, outer_momentum=0.9)
