@@ -1,20 +1,48 @@
 """Asynchronous optimizers: what a worker commits, and how the server folds a commit into the center.
 
-Each algorithm is one small class. The worker side turns a window of local progress into the tensor it sends;
-the server side applies that tensor to the center. Nothing else in the package knows which algorithm runs.
+Each algorithm is one small class with a worker half and a server half. The worker half drives one exchange with
+the server at the end of a window (:meth:`Algorithm.exchange`); the server half applies a commit to the center under
+the server's lock (:meth:`Algorithm.server_apply`) and keeps whatever state the rule needs. Nothing else in the
+package knows which algorithm runs. The formulas are those of ``PAPER.md``.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from lightning_adag.server.core import Receipt
+    from lightning_adag.worker import Worker
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What the server knows about a commit when it applies it: who sent it, the clock of the center that worker
+    started its window from, and the server's clock now (before applying)."""
+
+    worker: int
+    pulled_clock: int
+    clock: int
+
+    @property
+    def staleness(self) -> int:
+        """Commits applied since the worker pulled (τ)."""
+        return self.clock - self.pulled_clock
+
 
 class Algorithm:
     """Base class. ``window`` is the number of local optimizer steps between two commits (λ); ``None`` lets the
-    strategy pick :func:`suggested_window` once it knows the model and the number of workers."""
+    strategy pick :func:`suggested_window` once it knows the model and the number of workers.
+
+    Subclasses set ``name`` and implement the worker half (:meth:`worker_delta`, or :meth:`exchange` when the
+    protocol is not "commit a delta, then restart from the center") and the server half (:meth:`server_apply`).
+    Server-side state that must survive a checkpoint is returned by :meth:`server_state`: trainable-sized vectors,
+    named in :attr:`state_names` on both sides so that they travel by index.
+    """
 
     name: ClassVar[str]
 
@@ -23,40 +51,256 @@ class Algorithm:
             raise ValueError(f"window must be an integer >= 1 (local optimizer steps per commit), got {window!r}")
         self.window = window
 
+    # ------------------------------------------------------------------------------------------ worker half
+    def exchange(self, worker: Worker, steps: int) -> Receipt:
+        """End a window of ``steps`` local steps: commit :meth:`worker_delta`, then restart the window from the
+        center the server hands back (θ ← C, θ⁰ ← C)."""
+        self.worker_delta(worker.theta, worker.theta0, steps, worker.outgoing)
+        return worker.install(worker.send(worker.pulled_clock, steps))
+
     def worker_delta(self, theta: Tensor, theta0: Tensor, steps: int, out: Tensor) -> None:
         """Write the tensor to commit into ``out``, from the local parameters ``theta``, the parameters ``theta0``
         pulled at the start of the window, and the number of local ``steps`` the window actually holds."""
         raise NotImplementedError
 
-    def server_apply(self, center: Tensor, delta: Tensor, staleness: int) -> None:
-        """Fold one commit into ``center`` in place. The server calls this under its lock, so it is atomic."""
+    # ------------------------------------------------------------------------------------------ server half
+    def server_apply(self, center: Tensor, delta: Tensor, commit: Commit) -> None:
+        """Fold one commit into ``center`` (the trainable region) in place. Called under the server's lock."""
         raise NotImplementedError
 
+    def server_pulled(self, worker: int, clock: int, center: Tensor) -> None:
+        """``worker`` received ``center`` (the trainable region) at ``clock``; called under the server's lock.
+        Only rules that need the pulled center keep it."""
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """Names of the server-side vectors :meth:`server_state` returns, in a fixed order."""
+        return ()
+
+    def server_state(self) -> dict[str, Tensor]:
+        """The server-side vectors that a checkpoint keeps (live tensors; copy them before the lock is released).
+        A name of :attr:`state_names` that is missing has not been created yet and reads as zeros."""
+        return {}
+
+    def load_server_state(self, name: str, values: Tensor) -> None:
+        """Restore one vector of :meth:`server_state` (from a checkpoint)."""
+        raise ValueError(f"{self.name} keeps no server state named {name!r}")
+
+    # ------------------------------------------------------------------------------------------ identity
     def spec(self) -> dict[str, Any]:
-        """What the server needs to know to run the server side (sent in the handshake, as JSON)."""
-        return {"name": self.name}
+        """What the server needs to run the server half (sent in the handshake, as JSON): the name and the
+        server-side hyperparameters, from which :func:`server_rule` rebuilds the rule."""
+        return {"name": self.name, **self._server_params()}
+
+    def _server_params(self) -> dict[str, Any]:
+        return {}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(window={self.window})"
+        params = {"window": self.window, **self._server_params(), **self._worker_params()}
+        return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in params.items())})"
+
+    def _worker_params(self) -> dict[str, Any]:
+        return {}
 
 
-class ADAG(Algorithm):
+class NesterovOuter:
+    """A server-side outer optimizer, as DiLoCo applies to the averaged pseudo-gradient: Nesterov momentum on the
+    committed deltas. With ``g = −Δ`` as the gradient, SGD with Nesterov momentum gives ``m ← μ m + Δ`` and
+    ``C ← C + η (Δ + μ m)``. The momentum buffer lives in the server and in checkpoints."""
+
+    def __init__(self, momentum: float, lr: float) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"outer_momentum must be in [0, 1), got {momentum!r}")
+        if not lr > 0.0:
+            raise ValueError(f"outer_lr must be positive, got {lr!r}")
+        self.momentum, self.lr = float(momentum), float(lr)
+        self.buffer: Tensor | None = None
+
+    def apply(self, center: Tensor, delta: Tensor) -> None:
+        if self.buffer is None:
+            self.buffer = torch.zeros_like(center)
+        self.buffer.mul_(self.momentum).add_(delta)
+        center.add_(delta, alpha=self.lr).add_(self.buffer, alpha=self.lr * self.momentum)
+
+
+class DOWNPOUR(Algorithm):
+    """DOWNPOUR (Dean et al., 2012): the worker commits its whole window difference ``Δ = θ − θ⁰`` and the server
+    adds it. With one worker this is exactly local training.
+
+    ``outer_momentum`` (μ) turns on a server-side Nesterov outer optimizer on the committed deltas
+    (:class:`NesterovOuter`, with learning rate ``outer_lr``); off (0) by default.
+    """
+
+    name = "downpour"
+
+    def __init__(self, window: int | None = None, outer_momentum: float = 0.0, outer_lr: float = 1.0) -> None:
+        super().__init__(window)
+        self._outer = NesterovOuter(outer_momentum, outer_lr)
+        self._outer_on = outer_momentum > 0.0 or outer_lr != 1.0
+
+    def worker_delta(self, theta: Tensor, theta0: Tensor, steps: int, out: Tensor) -> None:
+        torch.sub(theta, theta0, out=out)
+
+    def server_apply(self, center: Tensor, delta: Tensor, commit: Commit) -> None:
+        self._add(center, delta)
+
+    def _add(self, center: Tensor, delta: Tensor) -> None:
+        if self._outer_on:
+            self._outer.apply(center, delta)
+        else:
+            center.add_(delta)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return ("outer_momentum",) if self._outer.momentum > 0.0 else ()
+
+    def server_state(self) -> dict[str, Tensor]:
+        if not self.state_names or self._outer.buffer is None:
+            return {}
+        return {"outer_momentum": self._outer.buffer}
+
+    def load_server_state(self, name: str, values: Tensor) -> None:
+        if name not in self.state_names:
+            super().load_server_state(name, values)
+        self._outer.buffer = values.clone()
+
+    def _server_params(self) -> dict[str, Any]:
+        if not self._outer_on:
+            return {}
+        return {"outer_momentum": self._outer.momentum, "outer_lr": self._outer.lr}
+
+
+class ADAG(DOWNPOUR):
     """Accumulated Gradient Normalization (Hermans et al., 2017).
 
     The worker commits the parameter difference of its window divided by the number of steps in it,
     ``Δ = (θ − θ⁰) / steps``; the server adds it to the center. Using the parameter difference rather than summed
     gradients keeps it correct for any local optimizer, and dividing by the window keeps each commit about one
     step long however many workers there are.
+
+    ``gamma`` (γ > 0) turns on the thesis' per-element staleness scaling: the server multiplies the delta by
+    ``1 / (γ⁻¹ (C − C_pulled)² + 1)``, damping weights that moved a lot since the worker pulled. The server then
+    keeps each worker's pulled center. ``outer_momentum`` / ``outer_lr`` as for :class:`DOWNPOUR`.
     """
 
     name = "adag"
+
+    def __init__(
+        self,
+        window: int | None = None,
+        gamma: float | None = None,
+        outer_momentum: float = 0.0,
+        outer_lr: float = 1.0,
+    ) -> None:
+        super().__init__(window, outer_momentum, outer_lr)
+        if gamma is not None and not (isinstance(gamma, (int, float)) and gamma > 0.0):
+            raise ValueError(f"gamma must be a positive number (the thesis used 1e-4), got {gamma!r}")
+        self.gamma = None if gamma is None else float(gamma)
+        self._pulled: PulledCenters | None = PulledCenters() if self.gamma is not None else None
 
     def worker_delta(self, theta: Tensor, theta0: Tensor, steps: int, out: Tensor) -> None:
         torch.sub(theta, theta0, out=out)
         out.div_(steps)
 
-    def server_apply(self, center: Tensor, delta: Tensor, staleness: int) -> None:
+    def server_apply(self, center: Tensor, delta: Tensor, commit: Commit) -> None:
+        if self._pulled is not None:
+            delta = delta * staleness_scale(center, self._pulled.take(commit.worker, commit.pulled_clock), self.gamma)
+        self._add(center, delta)
+
+    def server_pulled(self, worker: int, clock: int, center: Tensor) -> None:
+        if self._pulled is not None:
+            self._pulled.remember(worker, clock, center)
+
+    def _server_params(self) -> dict[str, Any]:
+        gamma = {} if self.gamma is None else {"gamma": self.gamma}
+        return {**gamma, **super()._server_params()}
+
+
+def staleness_scale(center: Tensor, pulled: Tensor, gamma: float) -> Tensor:
+    """The thesis' per-element factor ``1 / (γ⁻¹ (C − C_pulled)² + 1)``: 1 where a weight has not moved since the
+    worker pulled, towards 0 the more it moved."""
+    return torch.sub(center, pulled).square_().div_(gamma).add_(1.0).reciprocal_()
+
+
+class PulledCenters:
+    """The centers each worker pulled, by clock, for rules that compare a commit with its worker's pulled center.
+
+    A worker may pull more than once per window (to show the center for validation) while its commit still names
+    the clock its window started from, so a few centers are kept per worker; a commit consumes its own and every
+    older one.
+    """
+
+    def __init__(self) -> None:
+        self._by_worker: dict[int, dict[int, Tensor]] = {}
+
+    def remember(self, worker: int, clock: int, center: Tensor) -> None:
+        self._by_worker.setdefault(worker, {})[clock] = center.clone()
+
+    def take(self, worker: int, clock: int) -> Tensor:
+        centers = self._by_worker.get(worker, {})
+        if clock not in centers:
+            raise ValueError(f"worker {worker} commits from clock {clock}, but the server never handed it that center")
+        pulled = centers[clock]
+        for old in [c for c in centers if c <= clock]:
+            del centers[old]
+        return pulled
+
+
+class DynSGD(DOWNPOUR):
+    """DynSGD (Jiang et al., 2017): DOWNPOUR's unnormalized delta, scaled by the server by its staleness,
+    ``C ← C + Δ / (τ + 1)``, so that a commit computed on an old center counts less."""
+
+    name = "dynsgd"
+
+    def __init__(self, window: int | None = None) -> None:
+        super().__init__(window)
+
+    def server_apply(self, center: Tensor, delta: Tensor, commit: Commit) -> None:
+        center.add_(delta, alpha=1.0 / (commit.staleness + 1))
+
+
+class AEASGD(Algorithm):
+    """Asynchronous elastic averaging SGD (Zhang et al., 2015).
+
+    Every window the worker pulls ``C``, computes the elastic difference ``E = α (θ − C)`` with
+    ``α = rho · elastic_lr``, moves itself towards the center (``θ ← θ − E``) and commits ``E``; the server adds it.
+    The worker keeps its own parameters: it is never reset to the center (except to hand the final center back).
+    """
+
+    name = "aeasgd"
+
+    def __init__(self, window: int | None = None, rho: float = 5.0, elastic_lr: float = 0.01) -> None:
+        super().__init__(window)
+        if not rho > 0.0:
+            raise ValueError(f"rho must be positive, got {rho!r}")
+        if not elastic_lr > 0.0:
+            raise ValueError(f"elastic_lr must be positive, got {elastic_lr!r}")
+        if not rho * elastic_lr <= 1.0:
+            raise ValueError(f"rho * elastic_lr (the elastic coefficient α) must be at most 1, got {rho * elastic_lr}")
+        self.rho, self.elastic_lr = float(rho), float(elastic_lr)
+
+    @property
+    def alpha(self) -> float:
+        return self.rho * self.elastic_lr
+
+    def exchange(self, worker: Worker, steps: int) -> Receipt:
+        pulled = worker.fetch()  # worker.outgoing holds C
+        elastic_difference(worker.theta, worker.outgoing, self.alpha)
+        worker.theta.sub_(worker.outgoing)
+        receipt = worker.send(pulled.clock, steps)
+        worker.pulled_clock = receipt.clock
+        return receipt
+
+    def server_apply(self, center: Tensor, delta: Tensor, commit: Commit) -> None:
         center.add_(delta)
+
+    def _worker_params(self) -> dict[str, Any]:
+        return {"rho": self.rho, "elastic_lr": self.elastic_lr}
+
+
+def elastic_difference(theta: Tensor, center: Tensor, alpha: float) -> Tensor:
+    """Overwrite ``center`` with ``E = α (θ − C)`` and return it."""
+    return torch.sub(theta, center, out=center).mul_(alpha)
 
 
 def suggested_window(workers: int, module: nn.Module) -> int:
@@ -66,7 +310,7 @@ def suggested_window(workers: int, module: nn.Module) -> int:
     return max(1, round((workers + layers) / 2))
 
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (ADAG,)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (ADAG, DOWNPOUR, AEASGD, DynSGD)}
 
 
 def resolve_algorithm(algorithm: str | Algorithm, window: int | None) -> Algorithm:
@@ -83,8 +327,9 @@ def resolve_algorithm(algorithm: str | Algorithm, window: int | None) -> Algorit
 
 
 def server_rule(spec: dict[str, Any]) -> Algorithm:
-    """The server-side algorithm named in a handshake."""
-    name = spec.get("name")
+    """The server-side algorithm a handshake describes: its name and server-side hyperparameters."""
+    params = dict(spec)
+    name = params.pop("name", None)
     if name not in ALGORITHMS:
         raise ValueError(f"this server does not know algorithm {name!r}; it knows {sorted(ALGORITHMS)}")
-    return ALGORITHMS[name]()
+    return ALGORITHMS[name](**params)

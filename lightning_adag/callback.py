@@ -26,6 +26,7 @@ class ADAGCallback(Callback):
     def __init__(self) -> None:
         self.commits = 0
         self.restored_clock = 0
+        self.restored_server_state: dict[str, Any] = {}
         self._strategy = None
         self._steps_in_window = 0
         self._last_global_step = 0
@@ -75,11 +76,15 @@ class ADAGCallback(Callback):
         trainer.strategy.barrier("adag_final_pull")
 
     def state_dict(self) -> dict[str, Any]:
-        """The clock of the center that the strategy put in the same checkpoint."""
-        return {"clock": self._strategy.checkpoint_clock if self._strategy else self.restored_clock}
+        """The clock of the center that the strategy put in the same checkpoint, and the algorithm's server-side
+        state (for example an outer optimizer's momentum) at that clock."""
+        if self._strategy is None:
+            return {"clock": self.restored_clock, "server_state": self.restored_server_state}
+        return {"clock": self._strategy.checkpoint_clock, "server_state": self._strategy.checkpoint_server_state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.restored_clock = int(state_dict.get("clock", 0))
+        self.restored_server_state = dict(state_dict.get("server_state", {}))
 
     def _commit(self, trainer: pl.Trainer) -> None:
         start = time.perf_counter()

@@ -33,7 +33,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_adag import auth
-from lightning_adag.algorithms import Algorithm, resolve_algorithm, suggested_window
+from lightning_adag.algorithms import ALGORITHMS, Algorithm, resolve_algorithm, suggested_window
 from lightning_adag.callback import ADAGCallback
 from lightning_adag.flat import FlatState, check_shareable
 from lightning_adag.lockstep import check_asynchrony, disable_lockstep
@@ -61,7 +61,9 @@ class ADAGStrategy(ParallelStrategy):
     Args:
         window: local optimizer steps between two commits (λ). ``None`` picks the thesis' heuristic
             ``(workers + layers) / 2`` at setup.
-        algorithm: ``"adag"`` or an :class:`~lightning_adag.algorithms.Algorithm` instance.
+        algorithm: ``"adag"``, ``"downpour"``, ``"aeasgd"``, ``"dynsgd"``, or an
+            :class:`~lightning_adag.algorithms.Algorithm` instance carrying its hyperparameters (e.g.
+            ``AEASGD(window=8, rho=5.0, elastic_lr=0.01)``).
         transport: ``"shm"`` (shared memory, all workers on one machine), ``"tcp"``, or ``"auto"``: shm when the
             run has one node, tcp otherwise or when ``server`` is given.
         server: ``"host:port"`` of a running ``adag-server`` to join instead of starting one; workers read the
@@ -127,6 +129,7 @@ class ADAGStrategy(ParallelStrategy):
         self._server_address: str | None = None
         self.worker: Worker | None = None
         self.checkpoint_clock = 0
+        self.checkpoint_server_state: dict[str, Tensor] = {}
 
     # ----------------------------------------------------------------------------------------------- topology
     @property
@@ -211,12 +214,18 @@ class ADAGStrategy(ParallelStrategy):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The center variable (not this worker's parameters), as a state dict; its clock goes to
-        ``checkpoint_clock`` so the callback saves it in the same checkpoint."""
+        """The center variable (not this worker's parameters), as a state dict; its clock and the algorithm's
+        server-side state at that same clock go to ``checkpoint_clock`` and ``checkpoint_server_state``, so the
+        callback saves them in the same checkpoint."""
         if self.worker is None:
             return super().lightning_module_state_dict()
         showing = self.worker.shown_clock is not None
-        self.checkpoint_clock = self.worker.shown_clock if showing else self.worker.show_center()
+        clock = self.worker.shown_clock if showing else self.worker.show_center()
+        state_clock, server_state = self.worker.server_state()
+        while state_clock not in (None, clock):  # a commit came between the two reads: show the newer center
+            clock = self.worker.show_center()
+            state_clock, server_state = self.worker.server_state()
+        self.checkpoint_clock, self.checkpoint_server_state = clock, server_state
         state = {name: value.clone() for name, value in super().lightning_module_state_dict().items()}
         if not showing:
             self.worker.resume_window()
@@ -257,9 +266,11 @@ class ADAGStrategy(ParallelStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        strategy_registry.register(
-            cls.strategy_name, cls, description="Asynchronous parameter-server training with ADAG", override=True
-        )
+        """One name per algorithm ("adag", "downpour", "aeasgd", "dynsgd"), each with its default
+        hyperparameters; ``override=True`` keeps a second registration (a re-import) harmless."""
+        for name, algorithm in ALGORITHMS.items():
+            description = f"Asynchronous parameter-server training: {algorithm.__doc__.splitlines()[0]}"
+            strategy_registry.register(name, cls, description=description, override=True, algorithm=name)
 
     # ----------------------------------------------------------------------------------------------- helpers
     def _setup_distributed(self) -> None:
@@ -347,13 +358,13 @@ class ADAGStrategy(ParallelStrategy):
         worker = Worker(flat, client, self.algorithm)
         if self.is_global_zero:
             callback = self._callback(trainer)
-            receipt = worker.offer_initial_center(callback.restored_clock)
+            receipt = worker.offer_initial_center(callback.restored_clock, callback.restored_server_state)
             if trainer.ckpt_path is not None and receipt.clock != callback.restored_clock:
                 rank_zero_warn(
                     f"the server already holds a center (clock {receipt.clock}), so it replaces the weights restored"
                     f" from {trainer.ckpt_path} (clock {callback.restored_clock}); the optimizer state is restored"
                 )
-            callback.restored_clock = 0  # consumed: a later fit on this Trainer starts a new server at 0
+            callback.restored_clock, callback.restored_server_state = 0, {}  # consumed: a later fit starts anew
         self.barrier("adag_center_initialized")
         self.checkpoint_clock = worker.reset_to_center().clock
         self.barrier("adag_center_pulled")

@@ -42,6 +42,9 @@ class Kind(enum.IntEnum):
     STATS = 10  # worker -> server; answered by REPORT
     REPORT = 11  # server -> worker, JSON statistics
     ERROR = 12  # either way, UTF-8 message; the sender closes the connection after it
+    GET_STATE = 13  # worker -> server, a = index of an algorithm state vector; answered by STATE
+    PUT_STATE = 14  # worker -> server, a = index, the vector (trainable region); taken only before INIT
+    STATE = 15  # server -> worker, a = clock, b = 1 if taken (PUT_STATE); the vector (GET_STATE)
 
 
 class ProtocolError(Exception):

@@ -32,6 +32,16 @@ def test_trains_to_accuracy_and_leaves_the_center_everywhere(script):
         assert result["sampler"] == ["DistributedSampler", 2, rank]
 
 
+@pytest.mark.parametrize(("algorithm", "minimum"), [("downpour", 0.9), ("aeasgd", 0.8), ("dynsgd", 0.9)])
+def test_every_algorithm_trains_the_digits_to_accuracy(script, algorithm, minimum):
+    # ADAG's own run is the test above
+    assert_ok(script, script.run("train.py", "--algorithm", algorithm, "--epochs", "3", "--window", "2"))
+    results = script.results()
+    assert results[0]["digest"] == results[1]["digest"]  # both hold the final center
+    assert results[0]["digest_after_validate"] == results[0]["digest"]
+    assert results[0]["validate"]["val_acc"] >= minimum, results[0]["validate"]
+
+
 def test_torchrun_sets_the_ranks(script):
     torchrun = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()))
     assert_ok(script, script.run("train.py", "--epochs", "2", "--window", "2", launcher=torchrun))
@@ -73,22 +83,29 @@ def test_a_slow_worker_does_not_slow_the_others_within_an_epoch(script):
     assert fast[-2] < slow[len(slow) // 2], "the fast worker waited for the slow one"
 
 
-def test_checkpoint_holds_the_center_and_the_clock_and_resume_restores_both(script):
-    assert_ok(script, script.run("train.py", "--epochs", "2", "--window", "2", "--checkpoint"))
+def test_checkpoint_holds_the_center_the_clock_and_server_state_and_resume_restores_them(script):
+    momentum = ("--outer-momentum", "0.5")  # ADAG with a server-side outer optimizer: its momentum is server state
+    assert_ok(script, script.run("train.py", "--epochs", "2", "--window", "2", "--checkpoint", *momentum))
     first = script.results()
     checkpoint = torch.load(script.out / "ckpt" / "last.ckpt", weights_only=False)
     clock = checkpoint["callbacks"]["ADAGCallback"]["clock"]
+    saved_momentum = checkpoint["callbacks"]["ADAGCallback"]["server_state"]["outer_momentum"]
+    assert saved_momentum.abs().sum() > 0
     assert clock > 0
     # 2 epochs x ~23 steps per worker / window 2 -> about 24 commits from the two workers together
     assert clock >= 20
 
     for result in script.out.glob("rank*.json"):
         result.unlink()
-    code = script.run("train.py", "--epochs", "3", "--window", "2", "--resume", str(script.out / "ckpt" / "last.ckpt"))
-    assert_ok(script, code)
+    resume = ("--resume", str(script.out / "ckpt" / "last.ckpt"))
+    assert_ok(script, script.run("train.py", "--epochs", "3", "--window", "2", *momentum, *resume))
     resumed = script.results()
-    # the server restarted from the checkpoint's clock, and both workers started from the checkpoint's center
+    # the server restarted from the checkpoint's clock, center and outer momentum
     assert resumed[0]["start_clock"] == resumed[1]["start_clock"] == clock
+    at_restore = [r["start_server_state"] for r in resumed.values() if r["start_server_state"]["clock"] == clock]
+    assert at_restore, "every worker read the server state only after a commit"
+    for state in at_restore:
+        assert state["outer_momentum"] == saved_momentum.tolist()
     assert resumed[0]["validate"]["val_acc"] >= first[0]["validate"]["val_acc"] - 0.05
 
 

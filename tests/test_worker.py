@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_adag.algorithms import ADAG
+from lightning_adag.algorithms import ADAG, DOWNPOUR
 from lightning_adag.flat import FlatState
 from lightning_adag.server.launch import ServerProcess
 from lightning_adag.transports import connect
 from lightning_adag.worker import Worker
 
 
+@contextlib.contextmanager
+def own_server():
+    """A server process of its own: a server runs the one algorithm its first worker names."""
+    server = ServerProcess.start("k", log_level="ERROR")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def server():
-    server = ServerProcess.start("k", log_level="ERROR")
-    server.wait_ready()
-    yield server
-    server.stop()
+    with own_server() as server:
+        yield server
 
 
 def make_model():
@@ -39,9 +49,9 @@ def step(model, optimizer, batch):
     optimizer.step()
 
 
-def join(server, model, window, rank=0):
+def join(server, model, window, rank=0, algorithm=None):
     flat = FlatState(model)
-    algorithm = ADAG(window)
+    algorithm = algorithm or ADAG(window)
     client = connect("shm", server.address, rank, flat.layout, algorithm.spec(), b"k", timeout=30)
     worker = Worker(flat, client, algorithm)
     worker.offer_initial_center(0)
@@ -65,6 +75,70 @@ def test_window_one_with_one_worker_is_plain_local_training(server):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert worker.pulled_clock == start_clock + 30
     worker.close()
+
+
+def test_downpour_with_one_worker_is_plain_local_training_step_for_step():
+    with own_server() as server:
+        _check_downpour_is_local_training(server)
+
+
+def _check_downpour_is_local_training(server):
+    remote = make_model()
+    worker = join(server, remote, window=None, algorithm=DOWNPOUR(window=3))
+    start_clock = worker.pulled_clock
+    local = copy.deepcopy(remote)
+    local_opt = torch.optim.Adam(local.parameters(), lr=1e-2)
+    remote_opt = torch.optim.Adam(remote.parameters(), lr=1e-2)
+    for index, batch in enumerate(batches(30), start=1):
+        step(local, local_opt, batch)
+        step(remote, remote_opt, batch)
+        if index % 3 == 0:
+            worker.commit(3)  # the center becomes θ⁰ + (θ − θ⁰) = θ, and the worker restarts from it
+        for a, b in zip(local.parameters(), remote.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert worker.pulled_clock == start_clock + 10  # one commit per window
+    worker.close()
+
+
+def test_staleness_scaling_is_a_no_op_for_a_lone_worker_even_when_it_peeks_at_the_center():
+    # one worker: the center it commits onto is the center it pulled, so every factor is 1 and ADAG(gamma) is ADAG
+    with own_server() as server:
+        model = make_model()
+        worker = join(server, model, window=None, algorithm=ADAG(window=2, gamma=1e-4))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for index, batch in enumerate(batches(8), start=1):
+            step(model, optimizer, batch)
+            if index % 2 == 0:
+                theta0, theta = worker.theta0.clone(), worker.theta.clone()
+                worker.show_center()  # a pull that does not start a window: the server must keep the window's
+                worker.commit(2)
+                torch.testing.assert_close(worker.theta, theta0 + (theta - theta0) / 2)
+        worker.close()
+
+
+def test_server_state_travels_to_a_new_server_with_the_initial_center():
+    """What a checkpoint does: read the outer momentum from one server, restore it into a fresh one."""
+    algorithm = ADAG(window=2, outer_momentum=0.9)
+    states = []
+    for _ in range(2):
+        with own_server() as server:
+            model = make_model()
+            flat = FlatState(model)
+            client = connect("shm", server.address, 0, flat.layout, algorithm.spec(), b"k", timeout=30)
+            worker = Worker(flat, client, algorithm)
+            worker.offer_initial_center(5, states[0][1] if states else None)
+            worker.reset_to_center()
+            if not states:
+                optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+                for batch in batches(4):
+                    step(model, optimizer, batch)
+                    worker.commit(1)
+            states.append(worker.server_state())
+            worker.close()
+    (clock, saved), (restored_clock, restored) = states
+    assert clock == 9 and restored_clock == 5
+    assert saved["outer_momentum"].abs().sum() > 0
+    assert torch.equal(restored["outer_momentum"], saved["outer_momentum"])
 
 
 def test_a_window_commits_its_mean_step_and_keeps_the_optimizer_state(server):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_adag.algorithms import Algorithm, server_rule
+from lightning_adag.algorithms import Algorithm, Commit, server_rule
 from lightning_adag.flat import Layout
 
 
@@ -82,10 +82,9 @@ class ServerCore:
                     f" worker has {layout.numel} ({layout.trainable} trainable, {layout.dtype}, digest"
                     f" {layout.digest}). Every worker must build the same model."
                 )
-            if algorithm_spec.get("name") != self.algorithm_spec.get("name"):
+            if algorithm_spec != self.algorithm_spec:
                 raise LayoutMismatchError(
-                    f"algorithm mismatch: the server runs {self.algorithm_spec.get('name')!r}, this worker asks for"
-                    f" {algorithm_spec.get('name')!r}"
+                    f"algorithm mismatch: the server runs {self.algorithm_spec}, this worker asks for {algorithm_spec}"
                 )
 
     def initialize(self, values: Tensor, clock: int) -> Receipt:
@@ -101,7 +100,8 @@ class ServerCore:
             return Receipt(self.clock)
 
     def commit(self, worker: int, delta: Tensor, pulled_clock: int, out: Tensor | None = None) -> Receipt:
-        """Apply one commit atomically, then (when ``out`` is given) copy the new center into ``out``.
+        """Apply one commit atomically, then (when ``out`` is given) copy the new center into ``out``: the center
+        ``worker`` now holds.
 
         ``delta``'s trainable region goes through the algorithm's rule; the rest (frozen parameters and
         floating-point buffers) replaces the center's, so running statistics travel from worker to worker.
@@ -110,21 +110,24 @@ class ServerCore:
             self._require_initialized()
             if not 0 <= pulled_clock <= self.clock:
                 raise ValueError(f"pulled clock {pulled_clock} is outside [0, {self.clock}]")
-            staleness = self.clock - pulled_clock
+            commit = Commit(worker, pulled_clock, self.clock)
             trainable = self.layout.trainable
-            self.algorithm.server_apply(self.center[:trainable], delta[:trainable], staleness)
+            self.algorithm.server_apply(self.center[:trainable], delta[:trainable], commit)
             self.center[trainable:].copy_(delta[trainable:])
             self.clock += 1
-            self._record(worker, staleness)
+            self._record(worker, commit.staleness)
             if out is not None:
-                out.copy_(self.center)
-            return Receipt(self.clock, staleness)
+                self._hand_out(worker, out)
+            return Receipt(self.clock, commit.staleness)
 
-    def read(self, out: Tensor) -> Receipt:
-        """Copy a consistent snapshot of the center into ``out``."""
+    def read(self, out: Tensor, worker: int | None = None) -> Receipt:
+        """Copy a consistent snapshot of the center into ``out`` (the center ``worker``, if named, now holds)."""
         with self._lock:
             self._require_initialized()
-            out.copy_(self.center)
+            if worker is None:
+                out.copy_(self.center)
+            else:
+                self._hand_out(worker, out)
             return Receipt(self.clock)
 
     def snapshot(self) -> dict | None:
@@ -137,13 +140,39 @@ class ServerCore:
                 "clock": self.clock,
                 "layout": self.layout.to_json(),
                 "algorithm": dict(self.algorithm_spec),
+                "server_state": {name: value.clone() for name, value in self.algorithm.server_state().items()},
             }
 
     def restore(self, snapshot: dict) -> None:
         """Start from a :meth:`snapshot`: its layout and algorithm bind later workers, its center and clock are
         the server's."""
         self.configure(Layout.from_json(snapshot["layout"]), snapshot["algorithm"])
+        with self._lock:
+            for name, values in snapshot.get("server_state", {}).items():
+                self.algorithm.load_server_state(name, values)
         self.initialize(snapshot["center"], int(snapshot["clock"]))
+
+    def read_state(self, index: int, out: Tensor) -> Receipt:
+        """Copy the algorithm's server-side vector number ``index`` (see ``Algorithm.state_names``) into ``out``,
+        with the clock it belongs to (the same clock as a center read then)."""
+        with self._lock:
+            self._require_initialized()
+            state = self.algorithm.server_state().get(self._state_name(index))
+            if state is None:
+                out.zero_()
+            else:
+                out.copy_(state)
+            return Receipt(self.clock)
+
+    def load_state(self, index: int, values: Tensor) -> bool:
+        """Restore the algorithm's server-side vector number ``index`` from a checkpoint, before the center is
+        initialized; ignored (returns False) once a center is held, exactly like :meth:`initialize`'s values."""
+        with self._lock:
+            self._require_layout()
+            if self.initialized:
+                return False
+            self.algorithm.load_server_state(self._state_name(index), values)
+            return True
 
     def stats(self) -> dict:
         with self._lock:
@@ -154,6 +183,16 @@ class ServerCore:
                 "algorithm": self.algorithm_spec,
                 "workers": {str(rank): record.to_json() for rank, record in sorted(self.workers.items())},
             }
+
+    def _hand_out(self, worker: int, out: Tensor) -> None:
+        out.copy_(self.center)
+        self.algorithm.server_pulled(worker, self.clock, self.center[: self.layout.trainable])
+
+    def _state_name(self, index: int) -> str:
+        names = self.algorithm.state_names
+        if not 0 <= index < len(names):
+            raise ValueError(f"{self.algorithm.name} keeps {len(names)} server-side state vector(s), not #{index}")
+        return names[index]
 
     def _record(self, worker: int, staleness: int) -> None:
         record = self.workers.setdefault(worker, WorkerRecord())

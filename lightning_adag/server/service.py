@@ -164,6 +164,7 @@ class Service:
 
     def _answer(self, conn: socket.socket, rank: int, header: wire.Header, channel) -> None:
         kind, buffer = header.kind, channel.buffer
+        trainable = buffer[: self.core.layout.trainable]
         if kind is wire.Kind.COMMIT:
             channel.receive(conn, header, buffer)
             if header.b < 1:
@@ -173,13 +174,19 @@ class Service:
         elif kind is wire.Kind.INIT:
             channel.receive(conn, header, buffer)
             self.core.initialize(buffer, header.a)
-            channel.reply(conn, wire.Kind.CENTER, self.core.read(buffer).clock, 0, buffer)
+            channel.reply(conn, wire.Kind.CENTER, self.core.read(buffer, rank).clock, 0, buffer)
+        elif kind is wire.Kind.PUT_STATE:
+            channel.receive(conn, header, trainable)
+            taken = self.core.load_state(header.a, trainable)
+            channel.reply(conn, wire.Kind.STATE, self.core.clock, int(taken), trainable)
         else:
             frame = wire.read_payload(conn, header)
             if frame.payload:
                 raise wire.ProtocolError(f"{kind.name} carries no payload")
             if kind is wire.Kind.PULL:
-                channel.reply(conn, wire.Kind.CENTER, self.core.read(buffer).clock, 0, buffer)
+                channel.reply(conn, wire.Kind.CENTER, self.core.read(buffer, rank).clock, 0, buffer)
+            elif kind is wire.Kind.GET_STATE:
+                channel.reply(conn, wire.Kind.STATE, self.core.read_state(header.a, trainable).clock, 0, trainable)
             elif kind is wire.Kind.STATS:
                 wire.send(conn, wire.Kind.REPORT, payload=wire.json_payload(self.core.stats()))
             else:

@@ -1,7 +1,8 @@
 """How workers reach the parameter server: ``shm`` (shared memory, one machine) or ``tcp`` (any machine).
 
-Each transport module holds both halves: the worker's client (a :class:`~lightning_adag.transports.client.Client`)
-and the server's per-connection channel.
+Each transport module holds both halves: the worker's client (a :class:`~lightning_adag.transports.client.Client`:
+``mailbox``, ``initialize``, ``commit``, ``pull``, ``get_state``, ``put_state``, ``stats``, ``close``) and the
+server's per-connection channel.
 """
 
 from __future__ import annotations

@@ -35,13 +35,26 @@ class Client:
     def initialize(self, clock: int) -> Receipt:
         """Offer the mailbox as the initial center at ``clock``; a server that holds a center keeps it. Either
         way the mailbox then holds the server's center."""
-        return self._exchange(wire.Kind.INIT, clock, 0, self.mailbox, wire.Kind.CENTER, self.mailbox)
+        return Receipt(self._exchange(wire.Kind.INIT, clock, 0, self.mailbox, wire.Kind.CENTER, self.mailbox).a)
 
     def commit(self, pulled_clock: int, steps: int) -> Receipt:
-        return self._exchange(wire.Kind.COMMIT, pulled_clock, steps, self.mailbox, wire.Kind.CENTER, self.mailbox)
+        reply = self._exchange(wire.Kind.COMMIT, pulled_clock, steps, self.mailbox, wire.Kind.CENTER, self.mailbox)
+        return Receipt(reply.a, reply.b)
 
     def pull(self) -> Receipt:
-        return self._exchange(wire.Kind.PULL, 0, 0, None, wire.Kind.CENTER, self.mailbox)
+        return Receipt(self._exchange(wire.Kind.PULL, 0, 0, None, wire.Kind.CENTER, self.mailbox).a)
+
+    def get_state(self, index: int) -> Receipt:
+        """Copy the server's algorithm state vector number ``index`` into the mailbox's trainable region; the
+        receipt names the clock it belongs to."""
+        region = self.mailbox[: self._trainable]
+        return Receipt(self._exchange(wire.Kind.GET_STATE, index, 0, None, wire.Kind.STATE, region).a)
+
+    def put_state(self, index: int) -> bool:
+        """Offer the mailbox's trainable region as the server's algorithm state vector number ``index`` (from a
+        checkpoint); the server takes it (True) only while it holds no center yet."""
+        region = self.mailbox[: self._trainable]
+        return bool(self._exchange(wire.Kind.PUT_STATE, index, 0, region, wire.Kind.STATE, region).b)
 
     def stats(self) -> dict:
         return self._control(wire.Kind.STATS, b"", expect=wire.Kind.REPORT).json()
@@ -70,18 +83,19 @@ class Client:
         hello = {"rank": rank, "layout": layout.to_json(), "algorithm": algorithm_spec}
         welcome = self._control(wire.Kind.HELLO, wire.json_payload(hello), expect=wire.Kind.WELCOME)
         self.mailbox = self._open_mailbox(welcome.json(), layout)
+        self._trainable = layout.trainable
 
     def _exchange(
         self, kind: wire.Kind, a: int, b: int, sent: Tensor | None, expect: wire.Kind, received: Tensor
-    ) -> Receipt:
+    ) -> wire.Header:
         """One request carrying ``sent`` (or nothing), answered by an ``expect`` frame whose vector lands in
-        ``received``."""
+        ``received``; returns that frame's header."""
         try:
             self._send(kind, a, b, sent)
             header = wire.read_header(self._sock, max_payload=max(self.mailbox.nbytes, wire.MAX_CONTROL_PAYLOAD))
             if header.kind is expect:
                 self._receive(header, received)
-                return Receipt(header.a, header.b)
+                return header
             frame = wire.read_payload(self._sock, header)
         except (EOFError, OSError) as err:
             raise self._gone(kind.name, err) from err

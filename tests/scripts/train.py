@@ -79,7 +79,13 @@ class Recorder(Callback):
         self.commit_times: list[float] = []
         self.start_clock = None
         self.final_clock = None
+        self.start_server_state = None
         self.sampler = None
+
+    def on_fit_start(self, trainer, pl_module):
+        # right after the strategy joined the server; another worker may commit before this read: keep its clock
+        clock, state = trainer.strategy.worker.server_state()
+        self.start_server_state = {"clock": clock, **{name: tensor.tolist() for name, tensor in state.items()}}
 
     def on_train_start(self, trainer, pl_module):
         self.start_clock = trainer.strategy.worker.pulled_clock
@@ -105,6 +111,12 @@ def digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def algorithm(args: argparse.Namespace) -> lightning_adag.Algorithm:
+    if args.outer_momentum:
+        return lightning_adag.ADAG(args.window, outer_momentum=args.outer_momentum)
+    return lightning_adag.algorithms.resolve_algorithm(args.algorithm, args.window)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -128,6 +140,8 @@ def main() -> None:
     p.add_argument("--transport", default="auto")
     p.add_argument("--server", help="host:port of a running adag-server")
     p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--algorithm", default="adag", choices=sorted(lightning_adag.algorithms.ALGORITHMS))
+    p.add_argument("--outer-momentum", type=float, default=0.0, help="ADAG with a server-side Nesterov optimizer")
     args = p.parse_args()
 
     L.seed_everything(int(os.environ.get("LOCAL_RANK", 0)))  # different inits per rank: the center must unify them
@@ -140,7 +154,7 @@ def main() -> None:
         callbacks.append(ModelCheckpoint(dirpath=Path(args.out, "ckpt"), save_last=True))
     trainer = L.Trainer(
         strategy=lightning_adag.ADAGStrategy(
-            window=args.window, start_method=args.start_method, transport=args.transport, server=args.server
+            algorithm=algorithm(args), start_method=args.start_method, transport=args.transport, server=args.server
         ),
         num_nodes=args.num_nodes,
         accelerator="cpu",
@@ -162,6 +176,7 @@ def main() -> None:
         "commit_times": recorder.commit_times,
         "start_clock": recorder.start_clock,
         "final_clock": recorder.final_clock,
+        "start_server_state": recorder.start_server_state,
         "sampler": recorder.sampler,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
