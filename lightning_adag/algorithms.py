@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from lightning_adag import kernels
+
 if TYPE_CHECKING:
     from lightning_adag.server.core import Receipt
     from lightning_adag.worker import Worker
@@ -139,7 +141,7 @@ class DOWNPOUR(Algorithm):
         self._outer_on = outer_momentum > 0.0 or outer_lr != 1.0
 
     def worker_delta(self, theta: Tensor, theta0: Tensor, steps: int, out: Tensor) -> None:
-        torch.sub(theta, theta0, out=out)
+        kernels.window_delta(theta, theta0, 1.0, out)
 
     def server_apply(self, center: Tensor, delta: Tensor, commit: Commit) -> None:
         self._add(center, delta)
@@ -199,8 +201,7 @@ class ADAG(DOWNPOUR):
         self._pulled: PulledCenters | None = PulledCenters() if self.gamma is not None else None
 
     def worker_delta(self, theta: Tensor, theta0: Tensor, steps: int, out: Tensor) -> None:
-        torch.sub(theta, theta0, out=out)
-        out.div_(steps)
+        kernels.window_delta(theta, theta0, 1.0 / steps, out)
 
     def server_apply(self, center: Tensor, delta: Tensor, commit: Commit) -> None:
         if self._pulled is not None:
@@ -284,9 +285,8 @@ class AEASGD(Algorithm):
         return self.rho * self.elastic_lr
 
     def exchange(self, worker: Worker, steps: int) -> Receipt:
-        pulled = worker.fetch()  # worker.outgoing holds C
-        elastic_difference(worker.theta, worker.outgoing, self.alpha)
-        worker.theta.sub_(worker.outgoing)
+        pulled = worker.fetch()  # worker.outgoing holds C; it then receives E, and θ moves by -E
+        kernels.elastic_exchange(worker.theta, worker.outgoing, self.alpha, worker.outgoing)
         receipt = worker.send(pulled.clock, steps)
         worker.pulled_clock = receipt.clock
         return receipt
@@ -296,11 +296,6 @@ class AEASGD(Algorithm):
 
     def _worker_params(self) -> dict[str, Any]:
         return {"rho": self.rho, "elastic_lr": self.elastic_lr}
-
-
-def elastic_difference(theta: Tensor, center: Tensor, alpha: float) -> Tensor:
-    """Overwrite ``center`` with ``E = α (θ − C)`` and return it."""
-    return torch.sub(theta, center, out=center).mul_(alpha)
 
 
 def suggested_window(workers: int, module: nn.Module) -> int:

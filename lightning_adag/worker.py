@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from lightning_adag import kernels
 from lightning_adag.algorithms import Algorithm
 from lightning_adag.flat import FlatState
 from lightning_adag.server.core import Receipt
@@ -83,8 +84,7 @@ class Worker:
     def fetch(self) -> Receipt:
         """Pull the center into :attr:`outgoing` without touching θ."""
         receipt = self.client.pull()
-        if self._outgoing is not self.client.mailbox:
-            self._outgoing.copy_(self.client.mailbox)
+        self._stage_center()
         return receipt
 
     def send(self, pulled_clock: int, steps: int) -> Receipt:
@@ -98,11 +98,18 @@ class Worker:
         return self.client.commit(pulled_clock, steps)
 
     def install(self, receipt: Receipt) -> Receipt:
-        """Start a window from the center in the mailbox: θ ← C, θ⁰ ← C."""
-        self.flat.vector.copy_(self.client.mailbox)
-        self._theta0.copy_(self.flat.trainable_region)
+        """Start a window from the center in the mailbox: θ ← C, θ⁰ ← C (one fused pass on a GPU)."""
+        center, trainable = self._stage_center(), self.flat.trainable
+        kernels.install_center(center[:trainable], self.theta, self._theta0)
+        self.flat.vector[trainable:].copy_(center[trainable:])
         self.pulled_clock = receipt.clock
         return receipt
+
+    def _stage_center(self) -> Tensor:
+        """The center in the mailbox, on θ's device (staged through :attr:`outgoing` when that is not the CPU)."""
+        if self._outgoing is not self.client.mailbox:
+            self._outgoing.copy_(self.client.mailbox)
+        return self._outgoing
 
     def show_center(self) -> int:
         """Put the current center into the model, keeping θ aside until :meth:`resume_window`. Returns its clock."""
