@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import free_port, tagged_processes
+from conftest import tagged_processes
 
 pytestmark = pytest.mark.slow
 
@@ -42,30 +42,21 @@ def test_every_algorithm_trains_the_digits_to_accuracy(script, algorithm, minimu
     assert results[0]["validate"]["val_acc"] >= minimum, results[0]["validate"]
 
 
-def test_torchrun_sets_the_ranks(script):
-    torchrun = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()))
-    assert_ok(script, script.run("train.py", "--epochs", "2", "--window", "2", launcher=torchrun))
-    results = script.results()
-    assert sorted(results) == [0, 1]
-    assert results[0]["digest"] == results[1]["digest"]
-    assert results[0]["validate"]["val_acc"] >= 0.8
-
-
 def test_spawned_workers_hand_the_center_back_to_the_main_process(script):
-    assert_ok(script, script.run("train.py", "--epochs", "3", "--window", "2", "--start-method", "spawn"))
+    assert_ok(script, script.run("train.py", "--epochs", "2", "--window", "2", "--start-method", "spawn"))
     (main,) = script.results().values()  # only the launching process writes: it holds rank 0's model
-    assert main["validate"]["val_acc"] >= 0.85
+    assert main["validate"]["val_acc"] >= 0.8
     assert main["digest_after_validate"] == main["digest"]
 
 
 def test_control_plane_metrics_and_early_stopping(script):
-    assert_ok(script, script.run("train.py", "--epochs", "6", "--window", "4", "--early-stop"))
+    assert_ok(script, script.run("train.py", "--epochs", "4", "--window", "4", "--early-stop"))
     results = script.results()
     for result in results.values():
         assert result["metrics"]["rank_mean"] == pytest.approx(0.5)  # self.log(sync_dist=True) across 2 workers
         assert result["metrics"]["rank_sum"] == pytest.approx(3.0)  # torchmetrics SumMetric synced: 1 + 2
     # EarlyStopping (patience 1 on a constant) stops every worker after the same epoch, well before max_epochs
-    assert results[0]["epochs"] == results[1]["epochs"] < 6
+    assert results[0]["epochs"] == results[1]["epochs"] < 4
 
 
 def test_a_slow_worker_does_not_slow_the_others_within_an_epoch(script):
