@@ -4,7 +4,8 @@
 
 For each model size (float32 elements) it times, as medians of ``--repeats`` rounds:
 
-* ``memcpy``: two tensor copies of the vector (one up, one down) -- the bound for shared memory;
+* ``memcpy``: two tensor copies of the vector (one up, one down) -- the bound for shared memory -- with torch's
+  default threads, and with one thread (``memcpy1``), which is what the server applies commits with;
 * ``socket``: the vector sent over loopback TCP to an echo process and received back with plain ``sendall`` /
   ``recv_into`` -- the bound for TCP;
 * ``shm`` and ``tcp``: one ``commit`` (the worker's delta to the server, applied, and the new center back) against
@@ -59,14 +60,19 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_memcpy(numel: int, repeats: int) -> float:
+def time_memcpy(numel: int, repeats: int, threads: int) -> float:
     a, b = torch.randn(numel), torch.empty(numel)
 
     def round_trip():
         b.copy_(a)
         a.copy_(b)
 
-    return median_seconds(round_trip, repeats)
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return median_seconds(round_trip, repeats)
+    finally:
+        torch.set_num_threads(default)
 
 
 def time_socket(numel: int, repeats: int) -> float:
@@ -116,18 +122,22 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 5e7], help="elements (float32)")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    print("| elements | MB each way | memcpy GB/s | shm GB/s | shm / memcpy | socket GB/s | tcp GB/s | tcp / socket |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| elements | MB each way | memcpy GB/s | memcpy1 GB/s | shm GB/s | shm / memcpy | shm / memcpy1 |"
+        " socket GB/s | tcp GB/s | tcp / socket |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes:
         numel = int(size)
         moved = 2 * 4 * numel / 1e9
-        memcpy = moved / time_memcpy(numel, args.repeats)
+        memcpy = moved / time_memcpy(numel, args.repeats, torch.get_num_threads())
+        memcpy1 = moved / time_memcpy(numel, args.repeats, 1)
         shm = moved / time_transport("shm", numel, args.repeats)
         raw = moved / time_socket(numel, args.repeats)
         tcp = moved / time_transport("tcp", numel, args.repeats)
         print(
-            f"| {numel:,} | {4 * numel / 1e6:.0f} | {memcpy:.2f} | {shm:.2f} | {shm / memcpy:.2f} | {raw:.2f} |"
-            f" {tcp:.2f} | {tcp / raw:.2f} |",
+            f"| {numel:,} | {4 * numel / 1e6:.0f} | {memcpy:.2f} | {memcpy1:.2f} | {shm:.2f} | {shm / memcpy:.2f} |"
+            f" {shm / memcpy1:.2f} | {raw:.2f} | {tcp:.2f} | {tcp / raw:.2f} |",
             flush=True,
         )
 
