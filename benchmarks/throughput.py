@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -355,6 +356,7 @@ def main() -> None:
         return run_worker(args)
     if args.client:
         return run_client(args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # unwind, so the network namespaces are removed
     print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
     print(f"command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}")
     results: dict = {}
