@@ -254,7 +254,8 @@ def section_overhead(args, results) -> None:
 
 # ----------------------------------------------------------------------------------------- server scaling
 def run_client(args: argparse.Namespace) -> None:
-    """Commit as fast as possible from ``--start-at`` for ``--seconds``; write the count."""
+    """Commit as fast as possible from ``--start-at`` to ``--start-at + --seconds`` (the same window for every
+    client, so their counts add up to the server's rate over it); write the count."""
     import torch
 
     from lightning_adag.flat import Layout
@@ -265,7 +266,7 @@ def run_client(args: argparse.Namespace) -> None:
     client.mailbox.zero_()
     clock = client.initialize(0).clock
     time.sleep(max(0.0, args.start_at - time.time()))
-    commits, end = 0, time.time() + args.seconds
+    commits, end = 0, args.start_at + args.seconds
     while time.time() < end:
         clock = client.commit(clock, 1).clock
         commits += 1
@@ -293,7 +294,7 @@ def section_scaling(args, results) -> None:
                 server = ServerProcess.start("bench", host="127.0.0.1" if transport == "tcp" else None)
                 try:
                     address = server.wait_ready()
-                    start_at = time.time() + 15 + 1.5 * clients  # every client imported and connected by then
+                    start_at = time.time() + 20 + 3 * clients  # every client imported and connected by then
                     with tempfile.TemporaryDirectory() as out:
                         procs = [
                             subprocess.Popen([
