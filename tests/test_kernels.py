@@ -38,6 +38,11 @@ def interpreted(on: bool):
         yield
 
 
+# AEASGD's alpha (rho x elastic_lr; the paper's is 0.05). Smaller ones make subnormal results, where Triton's CPU
+# interpreter (numpy) and torch flush differently: not a case a worker meets.
+ALPHAS = st.just(0.0) | st.floats(1e-6, 1.0)
+
+
 def vectors(seed: int, size: int, *dtypes: torch.dtype, device: str = "cpu") -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(size, generator=generator).to(device, dtype) for dtype in dtypes]
@@ -82,7 +87,7 @@ def test_window_delta_interpreted_matches_reference(size, param, wire, steps, fe
 
 @needs_triton
 @INTERPRETED
-@given(size=SIZES, param=DTYPES, center_dtype=DTYPES, wire=DTYPES, alpha=st.floats(0.0, 1.0), seed=st.integers(0, 99))
+@given(size=SIZES, param=DTYPES, center_dtype=DTYPES, wire=DTYPES, alpha=ALPHAS, seed=st.integers(0, 99))
 def test_elastic_exchange_interpreted_matches_reference(size, param, center_dtype, wire, alpha, seed):
     theta, center = vectors(seed, size, param, center_dtype)
     results = []
