@@ -65,7 +65,9 @@ def run_one(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     steps = args.warmup + args.steps
     data = TensorDataset(torch.randn(steps * BATCH, 784), torch.randint(0, 10, (steps * BATCH,)))
-    strategy = lightning_adag.ADAGStrategy(window=args.window) if args.window else "auto"
+    strategy = "auto"
+    if args.window:
+        strategy = lightning_adag.ADAGStrategy(window=args.window, overlap=args.overlap, compression=args.compression)
     ends = StepEnds()
     trainer = L.Trainer(
         strategy=strategy,
@@ -83,13 +85,13 @@ def run_one(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps({"step_s": (timed[-1] - timed[0]) / (len(timed) - 1)}))
 
 
-def step_seconds(window: int, args: argparse.Namespace) -> float:
-    """Mean seconds per step of one run in a fresh process (``window`` 0: plain training)."""
+def step_seconds(options: list[str], args: argparse.Namespace) -> float:
+    """Mean seconds per step of one run in a fresh process with ``options`` (no ``--window``: plain training)."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder, "result.json")
         command = [
-            sys.executable, __file__, "--run", "--out", str(out), "--window", str(window), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--accelerator", args.accelerator,
+            sys.executable, __file__, "--run", "--out", str(out), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--accelerator", args.accelerator, *options,
         ]  # fmt: skip
         done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=1800)
         if done.returncode:
@@ -104,10 +106,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=32, help="steps per run before the clock starts")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--accelerator", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--overlap-windows", type=int, nargs="*", default=[1, 32], help="λ values also run overlapped")
+    parser.add_argument("--bf16-windows", type=int, nargs="*", default=[1], help="λ values also run with a bf16 wire")
     # internal: one training run
     parser.add_argument("--run", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--window", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compression", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
         return run_one(args)
@@ -120,11 +126,16 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.accelerator == "cuda" else "CPU (smoke run)"
     print(f"device: {device}; torch {torch.__version__}")
     print(f"command: python benchmarks/gpu_overhead.py {' '.join(sys.argv[1:])}")
-    configs = {"plain, 1 device": 0, **{f"ADAG λ={w}, 1 worker": w for w in args.windows}}
+    configs = {
+        "plain, 1 device": [],
+        **{f"ADAG λ={w}, 1 worker": ["--window", str(w)] for w in args.windows},
+        **{f"ADAG λ={w}, overlapped": ["--window", str(w), "--overlap"] for w in args.overlap_windows},
+        **{f"ADAG λ={w}, bf16 wire": ["--window", str(w), "--compression", "bf16"] for w in args.bf16_windows},
+    }
     runs: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.repeats):  # interleaved, so drift hits every configuration alike
-        for name, window in configs.items():
-            runs[name].append(step_seconds(window, args))
+        for name, options in configs.items():
+            runs[name].append(step_seconds(options, args))
             print(f"  {name}: {runs[name][-1] * 1e3:.2f} ms/step", file=sys.stderr, flush=True)
     plain = statistics.median(runs["plain, 1 device"])
     rows = []

@@ -8,7 +8,7 @@ On a GPU machine with torch, lightning and triton installed::
 Each operation's bandwidth counts the bytes it must move at least: every input read once, every output written once
 (``window_delta`` reads θ and θ⁰ and writes the delta, plus reading and writing the residual with error feedback;
 ``elastic_exchange`` reads θ and the center and writes θ and E; ``install_center`` reads the center and writes θ and
-θ⁰). The unfused column runs the same call down the torch path (what a CPU tensor, or a machine without triton,
+θ⁰; ``fold_center``, for overlapped exchanges, reads the center, θ and θ⁰ and writes θ and θ⁰). The unfused column runs the same call down the torch path (what a CPU tensor, or a machine without triton,
 gets): several kernels, each a full pass. The copy column is ``dst.copy_(src)`` moving the same number of bytes (half
 read, half written): the card's practical ceiling. Times are CUDA-event medians over ``--repeats`` samples, each
 sample enough calls to move about ``SAMPLE_BYTES``. Vectors that fit in L2 (1M float32 elements, times three) run
@@ -51,6 +51,7 @@ def cases(numel: int) -> dict[str, tuple[int, Callable[[], object]]]:
         "elastic_exchange f32 → bf16": (3 * n4 + n2, lambda: kernels.elastic_exchange(theta, center, 0.1, out16)),
         "install_center f32 → f32": (3 * n4, lambda: kernels.install_center(center, theta, theta0)),
         "install_center f32 → bf16": (n4 + 2 * n2, lambda: kernels.install_center(center, params16, params16_0)),
+        "fold_center f32 → f32": (5 * n4, lambda: kernels.fold_center(center, theta, theta0)),
     }  # fmt: skip
 
 

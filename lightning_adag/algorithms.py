@@ -47,6 +47,8 @@ class Algorithm:
     """
 
     name: ClassVar[str]
+    #: Whether every window starts from the center the commit brought back (what overlapped exchanges rely on).
+    restarts_from_center: ClassVar[bool] = True
 
     def __init__(self, window: int | None = None) -> None:
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
@@ -57,12 +59,15 @@ class Algorithm:
     def exchange(self, worker: Worker, steps: int) -> Receipt:
         """End a window of ``steps`` local steps: commit :meth:`worker_delta`, then restart the window from the
         center the server hands back (θ ← C, θ⁰ ← C)."""
-        self.worker_delta(worker.theta, worker.theta0, steps, worker.outgoing)
+        self.worker_delta(worker.theta, worker.theta0, steps, worker.outgoing, worker.residual)
         return worker.install(worker.send(worker.pulled_clock, steps))
 
-    def worker_delta(self, theta: Tensor, theta0: Tensor, steps: int, out: Tensor) -> None:
-        """Write the tensor to commit into ``out``, from the local parameters ``theta``, the parameters ``theta0``
-        pulled at the start of the window, and the number of local ``steps`` the window actually holds."""
+    def worker_delta(
+        self, theta: Tensor, theta0: Tensor, steps: int, out: Tensor, residual: Tensor | None = None
+    ) -> None:
+        """Write the tensor to commit into ``out`` (in the wire dtype), from the local parameters ``theta``, the
+        parameters ``theta0`` pulled at the start of the window, and the number of local ``steps`` the window
+        actually holds. ``residual``: error feedback for a narrow wire dtype (see :func:`kernels.window_delta`)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ server half
@@ -140,8 +145,10 @@ class DOWNPOUR(Algorithm):
         self._outer = NesterovOuter(outer_momentum, outer_lr)
         self._outer_on = outer_momentum > 0.0 or outer_lr != 1.0
 
-    def worker_delta(self, theta: Tensor, theta0: Tensor, steps: int, out: Tensor) -> None:
-        kernels.window_delta(theta, theta0, 1.0, out)
+    def worker_delta(
+        self, theta: Tensor, theta0: Tensor, steps: int, out: Tensor, residual: Tensor | None = None
+    ) -> None:
+        kernels.window_delta(theta, theta0, 1.0, out, residual)
 
     def server_apply(self, center: Tensor, delta: Tensor, commit: Commit) -> None:
         self._add(center, delta)
@@ -200,8 +207,10 @@ class ADAG(DOWNPOUR):
         self.gamma = None if gamma is None else float(gamma)
         self._pulled: PulledCenters | None = PulledCenters() if self.gamma is not None else None
 
-    def worker_delta(self, theta: Tensor, theta0: Tensor, steps: int, out: Tensor) -> None:
-        kernels.window_delta(theta, theta0, 1.0 / steps, out)
+    def worker_delta(
+        self, theta: Tensor, theta0: Tensor, steps: int, out: Tensor, residual: Tensor | None = None
+    ) -> None:
+        kernels.window_delta(theta, theta0, 1.0 / steps, out, residual)
 
     def server_apply(self, center: Tensor, delta: Tensor, commit: Commit) -> None:
         if self._pulled is not None:
@@ -266,9 +275,12 @@ class AEASGD(Algorithm):
     Every window the worker pulls ``C``, computes the elastic difference ``E = α (θ − C)`` with
     ``α = rho · elastic_lr``, moves itself towards the center (``θ ← θ − E``) and commits ``E``; the server adds it.
     The worker keeps its own parameters: it is never reset to the center (except to hand the final center back).
+    ``E`` is rounded to the wire dtype before the worker subtracts it, so a compressed commit needs no error
+    feedback: worker and center move by the same rounded amount.
     """
 
     name = "aeasgd"
+    restarts_from_center = False
 
     def __init__(self, window: int | None = None, rho: float = 5.0, elastic_lr: float = 0.01) -> None:
         super().__init__(window)
@@ -285,8 +297,8 @@ class AEASGD(Algorithm):
         return self.rho * self.elastic_lr
 
     def exchange(self, worker: Worker, steps: int) -> Receipt:
-        pulled = worker.fetch()  # worker.outgoing holds C; it then receives E, and θ moves by -E
-        kernels.elastic_exchange(worker.theta, worker.outgoing, self.alpha, worker.outgoing)
+        pulled = worker.fetch()
+        kernels.elastic_exchange(worker.theta, worker.center, self.alpha, worker.outgoing)
         receipt = worker.send(pulled.clock, steps)
         worker.pulled_clock = receipt.clock
         return receipt

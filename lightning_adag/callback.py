@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
+from lightning_adag.server.core import Receipt
+
 
 class ADAGCallback(Callback):
     """Counts each worker's local optimizer steps and commits every ``window`` of them.
@@ -17,8 +19,9 @@ class ADAGCallback(Callback):
     counts training batches. The last, partial window of a run is committed with its own step count. During
     ``fit``, validation runs on the center: every worker pulls the same center (between two barriers, so no commit
     slips in) and gets its own parameters back when training resumes. Logged on every worker, shown in the progress
-    bar, flushed to loggers by rank 0: ``adag/staleness`` and ``adag/commit_ms`` (means since the last log),
-    ``adag/commits`` (this worker's) and ``adag/clock`` (the server's).
+    bar, flushed to loggers by rank 0: ``adag/staleness`` and ``adag/commit_ms`` (means since the last log; the
+    time a commit blocks training), ``adag/commits`` (this worker's), ``adag/clock`` (the server's) and
+    ``adag/commit_bytes`` (the bytes one commit sends; the reply carries the whole center in its own dtype).
 
     :class:`~lightning_adag.ADAGStrategy` adds one when the Trainer has none.
     """
@@ -58,11 +61,14 @@ class ADAGCallback(Callback):
             self._steps_in_window += 1
         if self._steps_in_window >= trainer.strategy.algorithm.window:
             self._commit(trainer)
+        else:
+            self._record(trainer.strategy.worker.poll())  # an overlapped exchange may have brought its center
         self._log(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
             return  # outside fit the model already holds the center (pulled in the strategy's setup)
+        self._record(trainer.strategy.worker.settle())  # every commit has landed before anyone looks
         trainer.strategy.barrier("adag_show_center")
         trainer.strategy.worker.show_center()
         trainer.strategy.barrier("adag_center_shown")
@@ -71,6 +77,7 @@ class ADAGCallback(Callback):
         """Commit the last partial window, wait for every worker's, and leave the final center in the model."""
         if self._steps_in_window:
             self._commit(trainer)
+        self._record(trainer.strategy.worker.settle())
         trainer.strategy.barrier("adag_final_commits")
         trainer.strategy.worker.reset_to_center()
         trainer.strategy.barrier("adag_final_pull")
@@ -89,20 +96,27 @@ class ADAGCallback(Callback):
     def _commit(self, trainer: pl.Trainer) -> None:
         start = time.perf_counter()
         receipt = trainer.strategy.worker.commit(self._steps_in_window)
-        self._since_log.add(receipt.staleness, (time.perf_counter() - start) * 1e3)
+        self._since_log.latency.add((time.perf_counter() - start) * 1e3)
+        self._record(receipt)
         self.commits += 1
         self._steps_in_window = 0
 
+    def _record(self, receipt: Receipt | None) -> None:
+        if receipt is not None:
+            self._since_log.staleness.add(receipt.staleness)
+
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._since_log.count:
+        if not self._since_log.latency.count:
             return
-        staleness, latency = self._since_log.means()
+        worker = trainer.strategy.worker
         metrics = {
-            "adag/staleness": staleness,
-            "adag/commit_ms": latency,
+            "adag/commit_ms": self._since_log.latency.mean(),
             "adag/commits": float(self.commits),
-            "adag/clock": float(trainer.strategy.worker.pulled_clock),
+            "adag/clock": float(worker.pulled_clock),
+            "adag/commit_bytes": float(worker.payload.nbytes),
         }
+        if self._since_log.staleness.count:  # with overlap, no receipt may have come back yet
+            metrics["adag/staleness"] = self._since_log.staleness.mean()
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=name in _PROGRESS_BAR)
         # Lightning hands step metrics to the loggers only every `log_every_n_steps`: average over that interval.
@@ -113,16 +127,22 @@ class ADAGCallback(Callback):
 _PROGRESS_BAR = ("adag/staleness", "adag/commits")
 
 
-class _Means:
+class _Mean:
     def __init__(self) -> None:
         self.count = 0
-        self._staleness = 0.0
-        self._latency = 0.0
+        self._total = 0.0
 
-    def add(self, staleness: int, latency_ms: float) -> None:
+    def add(self, value: float) -> None:
         self.count += 1
-        self._staleness += staleness
-        self._latency += latency_ms
+        self._total += value
 
-    def means(self) -> tuple[float, float]:
-        return self._staleness / self.count, self._latency / self.count
+    def mean(self) -> float:
+        return self._total / self.count
+
+
+class _Means:
+    """What the callback averages between two logging steps."""
+
+    def __init__(self) -> None:
+        self.staleness = _Mean()
+        self.latency = _Mean()

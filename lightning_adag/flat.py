@@ -15,6 +15,7 @@ class Layout:
 
     ``numel`` elements in all; the first ``trainable`` belong to trainable parameters (the region the algorithm
     updates), the rest to frozen parameters and floating-point buffers (the region carried by value).
+    ``dtype`` is the center's: the model's, widened to at least float32 (:func:`center_dtype`).
     ``digest`` hashes the names, shapes and dtype, so two models with equal sizes but different shapes do not mix.
     """
 
@@ -39,6 +40,13 @@ class Layout:
         if not 0 < trainable <= numel:
             raise ValueError(f"invalid layout sizes numel={numel} trainable={trainable}")
         return cls(numel=numel, trainable=trainable, dtype=dtype, digest=str(data["digest"]))
+
+
+def center_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the server keeps the center in. At least float32: with 16-bit weights (``precision="bf16-true"``)
+    a commit of ``(θ − θ⁰) / λ`` is often below the resolution of the weight it moves, and a 16-bit center would
+    drop it; a float32 center accumulates every commit, and workers train on its rounding."""
+    return torch.promote_types(model_dtype, torch.float32)
 
 
 def shared_tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
@@ -95,7 +103,7 @@ class FlatState:
             tensor.data = view
             self._slices.append((offset, end, tensor.shape))
             offset = end
-        self.layout = Layout(self.vector.numel(), self.trainable, self.vector.dtype, _digest(tensors))
+        self.layout = Layout(self.vector.numel(), self.trainable, center_dtype(first.dtype), _digest(tensors))
 
     @property
     def trainable_region(self) -> Tensor:

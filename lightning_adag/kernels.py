@@ -86,6 +86,23 @@ def install_center(center: Tensor, theta: Tensor, theta0: Tensor) -> None:
     theta0.copy_(center)
 
 
+def fold_center(center: Tensor, theta: Tensor, theta0: Tensor) -> None:
+    """Fold a center that arrived while the worker kept training (overlapped communication), in one pass:
+    ``theta += center - theta0``, ``theta0 = center``.
+
+    ``theta0`` is where the running window started, so ``theta - theta0`` is the local progress since then; after
+    the fold the worker stands on the center plus exactly that progress, and its next delta ``theta - theta0`` still
+    measures only its own steps.
+    """
+    tensors = {"center": center, "theta": theta, "theta0": theta0}
+    if _use_triton(tensors):
+        _launch(_fold_center_kernel, center, theta, theta0)
+        return
+    compute = _compute_dtype(tensors)
+    theta.copy_(torch.sub(center.to(compute), theta0.to(compute)).add_(theta.to(compute)))
+    theta0.copy_(center)
+
+
 def _use_triton(tensors: dict[str, Tensor]) -> bool:
     """Raise a ``ValueError`` unless the tensors can be treated as flat vectors; whether Triton should run."""
     for name, tensor in tensors.items():
@@ -165,4 +182,14 @@ def _install_center_kernel(center, theta, theta0, numel, BLOCK: tl.constexpr):
     mask = offsets < numel
     value = tl.load(center + offsets, mask=mask)
     tl.store(theta + offsets, value.to(theta.dtype.element_ty), mask=mask)
+    tl.store(theta0 + offsets, value.to(theta0.dtype.element_ty), mask=mask)
+
+
+def _fold_center_kernel(center, theta, theta0, numel, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    value = tl.load(center + offsets, mask=mask)
+    moved = value.to(tl.float32) - tl.load(theta0 + offsets, mask=mask).to(tl.float32)
+    local = tl.load(theta + offsets, mask=mask).to(tl.float32)
+    tl.store(theta + offsets, (moved + local).to(theta.dtype.element_ty), mask=mask)
     tl.store(theta0 + offsets, value.to(theta0.dtype.element_ty), mask=mask)

@@ -37,10 +37,11 @@ from lightning_adag.algorithms import ALGORITHMS, Algorithm, resolve_algorithm, 
 from lightning_adag.callback import ADAGCallback
 from lightning_adag.flat import FlatState, check_shareable
 from lightning_adag.lockstep import check_asynchrony, disable_lockstep
+from lightning_adag.payload import COMPRESSIONS
 from lightning_adag.server.launch import ServerProcess
 from lightning_adag.transports import connect
 from lightning_adag.transports.tcp import split_address
-from lightning_adag.worker import Worker
+from lightning_adag.worker import Worker, check_overlappable
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,13 @@ class ADAGStrategy(ParallelStrategy):
         start_method: how the worker processes start, as for DDP: ``"popen"`` (default), ``"spawn"``, ``"fork"``
             or ``"forkserver"``.
         server_timeout: seconds a worker waits for the server to answer before it fails.
+        compression: ``"bf16"`` or ``"fp16"`` sends each commit's delta in that 16-bit dtype (half the bytes of a
+            float32 model); the server still accumulates in float32. ``None`` (default) sends the center's dtype.
+        error_feedback: with ``compression``, add what rounding dropped from one commit to the next, so nothing
+            is lost over time (default True).
+        overlap: run each commit and pull on a background thread while the next window trains, folding the new
+            center in when it arrives (θ ← θ + (C − θ⁰), θ⁰ ← C); hides communication at the price of one more
+            exchange of staleness. Off by default; not for ``"aeasgd"``.
         process_group_backend, timeout: for the control-plane process group (epoch-level metric sync, barriers).
             Its collectives wait for the slowest worker, which may be epochs behind a fast one, so the default
             timeout is 24 hours rather than DDP's 30 minutes; a worker that dies still fails them at once.
@@ -95,6 +103,9 @@ class ADAGStrategy(ParallelStrategy):
         timeout: timedelta | None = DRIFT_TIMEOUT,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         server_timeout: float = 120.0,
+        compression: Literal["bf16", "fp16"] | None = None,
+        error_feedback: bool = True,
+        overlap: bool = False,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -116,12 +127,19 @@ class ADAGStrategy(ParallelStrategy):
             raise ValueError(f"start_method must be one of {_START_METHODS}, got {start_method!r}")
         if server_timeout <= 0:
             raise ValueError(f"server_timeout must be positive, got {server_timeout}")
+        if compression is not None and compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be None or one of {sorted(COMPRESSIONS)}, got {compression!r}")
+        if overlap:
+            check_overlappable(self.algorithm)
         self._transport = transport
         self._external_server = server
         self._server_port = server_port
         self._key = b""
         self._start_method = start_method
         self._server_timeout = server_timeout
+        self._compression = None if compression is None else COMPRESSIONS[compression]
+        self._error_feedback = error_feedback
+        self._overlap = overlap
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self._num_nodes = 1
@@ -355,7 +373,7 @@ class ADAGStrategy(ParallelStrategy):
             self._key,
             self._server_timeout,
         )
-        worker = Worker(flat, client, self.algorithm)
+        worker = Worker(flat, client, self.algorithm, self._compression, self._error_feedback, self._overlap)
         if self.is_global_zero:
             callback = self._callback(trainer)
             receipt = worker.offer_initial_center(callback.restored_clock, callback.restored_server_state)

@@ -36,7 +36,7 @@ class Kind(enum.IntEnum):
     HELLO = 4  # worker -> server, JSON {rank, layout, algorithm}; answered by WELCOME
     WELCOME = 5  # server -> worker, JSON {mailbox (shared memory only), initialized, clock}
     INIT = 6  # worker -> server, a = clock, the vector; sets the center if the server holds none; answered by CENTER
-    COMMIT = 7  # worker -> server, a = pulled clock, b = steps in the window, the vector; answered by CENTER
+    COMMIT = 7  # worker -> server, a = pulled clock, b = steps, dtype = the delta's, a commit payload; answered by CENTER
     PULL = 8  # worker -> server; answered by CENTER
     CENTER = 9  # server -> worker, a = clock, b = staleness of the commit (0 otherwise), the center
     STATS = 10  # worker -> server; answered by REPORT
@@ -98,13 +98,29 @@ def byte_view(tensor: Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy())
 
 
-def send(sock: socket.socket, kind: Kind, a: int = 0, b: int = 0, payload: bytes = b"") -> None:
-    sock.sendall(encode(kind, a, b, payload))
+def dtype_of(header: Header) -> torch.dtype:
+    """The tensor dtype a header announces; ``ProtocolError`` for a code this side does not know."""
+    for dtype, code in DTYPE_CODES.items():
+        if code == header.dtype:
+            return dtype
+    raise ProtocolError(f"{header.kind.name} frame announces unknown dtype code {header.dtype}")
 
 
-def send_tensor(sock: socket.socket, kind: Kind, tensor: Tensor, a: int = 0, b: int = 0) -> None:
-    """A frame whose payload is ``tensor``'s bytes, sent from the tensor's memory."""
-    sock.sendall(HEADER.pack(MAGIC, VERSION, int(kind), DTYPE_CODES[tensor.dtype], 0, a, b, tensor.nbytes))
+def send(
+    sock: socket.socket, kind: Kind, a: int = 0, b: int = 0, payload: bytes = b"", dtype: torch.dtype | None = None
+) -> None:
+    """A frame with a control payload; ``dtype`` announces a tensor that travels outside the socket (shared
+    memory)."""
+    sock.sendall(encode(kind, a, b, payload, NO_TENSOR if dtype is None else DTYPE_CODES[dtype]))
+
+
+def send_tensor(
+    sock: socket.socket, kind: Kind, tensor: Tensor, a: int = 0, b: int = 0, dtype: torch.dtype | None = None
+) -> None:
+    """A frame whose payload is ``tensor``'s bytes, sent from the tensor's memory. ``dtype`` is the dtype the frame
+    announces when it differs from the tensor's (the bytes of a mixed-dtype commit payload)."""
+    code = DTYPE_CODES[dtype or tensor.dtype]
+    sock.sendall(HEADER.pack(MAGIC, VERSION, int(kind), code, 0, a, b, tensor.nbytes))
     sock.sendall(byte_view(tensor))
 
 
@@ -135,12 +151,14 @@ def read_payload(sock: socket.socket, header: Header) -> Frame:
     return Frame(header.kind, header.a, header.b, recv_exact(sock, header.length) if header.length else b"")
 
 
-def read_tensor_into(sock: socket.socket, header: Header, out: Tensor) -> None:
-    """Receive a tensor payload straight into ``out``, which must match its dtype and size exactly."""
-    if header.dtype != DTYPE_CODES[out.dtype] or header.length != out.nbytes:
+def read_tensor_into(sock: socket.socket, header: Header, out: Tensor, dtype: torch.dtype | None = None) -> None:
+    """Receive a tensor payload straight into ``out``, which must match its size exactly and its dtype (or
+    ``dtype``, for the bytes of a mixed-dtype commit payload)."""
+    expected = dtype or out.dtype
+    if header.dtype != DTYPE_CODES[expected] or header.length != out.nbytes:
         raise ProtocolError(
             f"{header.kind.name} frame carries {header.length} bytes of dtype code {header.dtype}, expected"
-            f" {out.nbytes} bytes of {out.dtype}"
+            f" {out.nbytes} bytes of {expected}"
         )
     recv_into_exact(sock, byte_view(out))
 

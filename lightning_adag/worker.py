@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
 from torch import Tensor
 
 from lightning_adag import kernels
 from lightning_adag.algorithms import Algorithm
 from lightning_adag.flat import FlatState
+from lightning_adag.payload import CommitPayload
 from lightning_adag.server.core import Receipt
+from lightning_adag.staging import Staging
+
+
+def check_overlappable(algorithm: Algorithm) -> None:
+    """Raise a ``ValueError`` unless ``algorithm``'s exchanges can run in the background (see :class:`Worker`)."""
+    if not algorithm.restarts_from_center:
+        raise ValueError(
+            f"overlap=True needs an algorithm that restarts every window from the center; {algorithm.name} keeps"
+            " its own parameters: use overlap=False"
+        )
 
 
 class Worker:
@@ -16,39 +30,64 @@ class Worker:
     ``client`` is any transport client (see :mod:`lightning_adag.transports`). Between commits, the worker can
     *show* the center (for validation or a checkpoint) without losing its window: θ is stashed and put back
     before the next commit.
+
+    ``compression`` (a 16-bit float dtype) sends each commit's delta in that dtype; the server still accumulates
+    in the center's dtype. With ``error_feedback`` what the rounding drops is kept and added to the next commit.
+
+    ``overlap`` runs each exchange on a background thread while the next window trains. The window's delta is taken
+    at its end as usual, and the next window starts from the local θ (θ⁰ ← θ) instead of waiting for the center.
+    When the center C arrives (checked after every batch by :meth:`poll`, and waited for at the latest at the next
+    commit) it is folded in: θ ← θ + (C − θ⁰), θ⁰ ← C. The worker then stands on the center plus exactly the steps
+    it took meanwhile, and its next delta measures those steps only; the center is one exchange older than it would
+    be without overlap. Only algorithms that restart each window from the center can overlap (not AEASGD).
     """
 
-    def __init__(self, flat: FlatState, client, algorithm: Algorithm) -> None:
+    def __init__(
+        self,
+        flat: FlatState,
+        client,
+        algorithm: Algorithm,
+        compression: torch.dtype | None = None,
+        error_feedback: bool = True,
+        overlap: bool = False,
+    ) -> None:
+        if overlap:
+            check_overlappable(algorithm)
         self.flat = flat
         self.client = client
         self.algorithm = algorithm
         self.pulled_clock = 0
         self.shown_clock: int | None = None
+        self.payload = CommitPayload(flat.layout, compression or flat.layout.dtype)
         self._theta0 = flat.trainable_region.clone()
         self._stash: Tensor | None = None
-        mailbox = client.mailbox
-        # The delta is computed straight into the mailbox on the CPU; from another device it is staged there first.
-        self._outgoing = mailbox if mailbox.device == flat.vector.device else flat.vector.new_empty(mailbox.shape)
+        self._staging = Staging(client.mailbox, self.payload, flat.vector.device)
+        narrow = self.payload.dtype != flat.layout.dtype
+        self._residual = torch.zeros_like(self._theta0, dtype=torch.float32) if narrow and error_feedback else None
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="adag-exchange") if overlap else None
+        self._in_flight: Future | None = None
 
     def offer_initial_center(self, clock: int, server_state: dict[str, Tensor] | None = None) -> Receipt:
         """Propose this worker's parameters as the center at ``clock``, with the algorithm's server-side state
         (both from a checkpoint, when resuming); the server keeps them only if it holds no center yet."""
-        region = self.client.mailbox[: self.flat.trainable]
+        client = self._link()
+        region = client.mailbox[: self.flat.trainable]
         for index, name in enumerate(self.algorithm.state_names):
             if server_state and name in server_state:
                 region.copy_(server_state[name])
-                self.client.put_state(index)
-        self.client.mailbox.copy_(self.flat.vector)
-        return self.client.initialize(clock)
+                client.put_state(index)
+        client.mailbox.copy_(self.flat.vector)
+        return client.initialize(clock)
 
     def server_state(self) -> tuple[int | None, dict[str, Tensor]]:
         """Copies (on the CPU) of the algorithm's server-side state vectors, all read at one clock, and that clock
         (``None`` when the algorithm keeps none, so they belong to any clock)."""
-        region = self.client.mailbox[: self.flat.trainable]
+        client = self._link()
+        region = client.mailbox[: self.flat.trainable]
         while True:
             clocks, state = set(), {}
             for index, name in enumerate(self.algorithm.state_names):
-                clocks.add(self.client.get_state(index).clock)
+                clocks.add(client.get_state(index).clock)
                 state[name] = region.clone()
             if len(clocks) <= 1:  # else a commit slipped in between two vectors: read them again
                 return (clocks.pop() if clocks else None), state
@@ -56,13 +95,27 @@ class Worker:
     def reset_to_center(self) -> Receipt:
         """Pull the center and start a new window from it: θ ← C, θ⁰ ← C."""
         self.shown_clock = None
-        return self.install(self.client.pull())
+        return self.install(self.fetch())
 
-    def commit(self, steps: int) -> Receipt:
+    def commit(self, steps: int) -> Receipt | None:
         """End a window of ``steps`` local optimizer steps with the algorithm's exchange (for most algorithms:
-        commit, then start the next window from the new center)."""
+        commit, then start the next window from the new center). Returns the receipt of the exchange that completed
+        during the call: with ``overlap``, the previous one, if it had not been folded in yet (else None)."""
         self.resume_window()
-        return self.algorithm.exchange(self, steps)
+        if self._background is None:
+            return self.algorithm.exchange(self, steps)
+        settled = self.settle()
+        self.algorithm.worker_delta(self.theta, self.theta0, steps, self.outgoing, self.residual)
+        self._write_values()
+        self._theta0.copy_(self.theta)  # until the center arrives, the next window starts here
+        self._in_flight = self._background.submit(self._exchange, self.pulled_clock, steps)
+        return settled
+
+    def poll(self) -> Receipt | None:
+        """With ``overlap``: fold in the center of the exchange in flight if it has arrived (never waits)."""
+        if self._in_flight is not None and self._in_flight.done():
+            return self.settle()
+        return None
 
     # The primitives an algorithm's exchange is made of.
     @property
@@ -77,49 +130,50 @@ class Worker:
 
     @property
     def outgoing(self) -> Tensor:
-        """The trainable region of the outgoing vector, on θ's device: write the tensor to commit here. After
-        :meth:`fetch` it holds the center."""
-        return self._outgoing[: self.flat.trainable]
+        """Where to write the trainable part of a commit, on θ's device, in the wire dtype."""
+        return self._staging.delta
+
+    @property
+    def residual(self) -> Tensor | None:
+        """What rounding to the wire dtype has dropped so far (float32), or None without error feedback."""
+        return self._residual
+
+    @property
+    def center(self) -> Tensor:
+        """The trainable region of the center last fetched, on θ's device."""
+        return self._staging.center_ready()[: self.flat.trainable]
 
     def fetch(self) -> Receipt:
-        """Pull the center into :attr:`outgoing` without touching θ."""
-        receipt = self.client.pull()
-        self._stage_center()
+        """Pull the center into :attr:`center` without touching θ."""
+        receipt = self._link().pull()
+        self._staging.download()
         return receipt
 
     def send(self, pulled_clock: int, steps: int) -> Receipt:
         """Commit :attr:`outgoing` (with this worker's frozen parameters and buffers, which travel by value) as a
-        window of ``steps`` steps that started from the center at ``pulled_clock``. Afterwards the mailbox holds
-        the new center; θ is untouched until :meth:`install`."""
-        trainable = self.flat.trainable
-        self._outgoing[trainable:].copy_(self.flat.vector[trainable:])
-        if self._outgoing is not self.client.mailbox:
-            self.client.mailbox.copy_(self._outgoing)
-        return self.client.commit(pulled_clock, steps)
+        window of ``steps`` steps that started from the center at ``pulled_clock``. θ is untouched until
+        :meth:`install`."""
+        self._write_values()
+        self._link()
+        return self._exchange(pulled_clock, steps)
 
     def install(self, receipt: Receipt) -> Receipt:
-        """Start a window from the center in the mailbox: θ ← C, θ⁰ ← C (one fused pass on a GPU)."""
-        center, trainable = self._stage_center(), self.flat.trainable
+        """Start a window from the center the last exchange brought: θ ← C, θ⁰ ← C (one fused pass)."""
+        center, trainable = self._staging.center_ready(), self.flat.trainable
         kernels.install_center(center[:trainable], self.theta, self._theta0)
         self.flat.vector[trainable:].copy_(center[trainable:])
         self.pulled_clock = receipt.clock
         return receipt
 
-    def _stage_center(self) -> Tensor:
-        """The center in the mailbox, on θ's device (staged through :attr:`outgoing` when that is not the CPU)."""
-        if self._outgoing is not self.client.mailbox:
-            self._outgoing.copy_(self.client.mailbox)
-        return self._outgoing
-
     def show_center(self) -> int:
         """Put the current center into the model, keeping θ aside until :meth:`resume_window`. Returns its clock."""
+        receipt = self.fetch()  # first, so that an overlapped center is folded into θ before θ is stashed
         if self.shown_clock is None:
             if self._stash is None:
                 self._stash = self.flat.vector.clone()
             else:
                 self._stash.copy_(self.flat.vector)
-        receipt = self.client.pull()
-        self.flat.vector.copy_(self.client.mailbox)
+        self.flat.vector.copy_(self._staging.center_ready())
         self.shown_clock = receipt.clock
         return receipt.clock
 
@@ -130,4 +184,38 @@ class Worker:
             self.shown_clock = None
 
     def close(self) -> None:
-        self.client.close()
+        self.client.close()  # an exchange still in flight fails at once
+        if self._background is not None:
+            self._background.shutdown(wait=True)
+        self._staging.close()
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def _write_values(self) -> None:
+        """The part of a commit that travels by value: frozen parameters and floating-point buffers."""
+        self._staging.values.copy_(self.flat.vector[self.flat.trainable :])
+        self._staging.payload_written()
+
+    def _exchange(self, pulled_clock: int, steps: int) -> Receipt:
+        """Upload the payload, commit it, and start bringing the center back (on the overlap thread, or not)."""
+        self._staging.upload()
+        receipt = self.client.commit(pulled_clock, steps, self.payload)
+        self._staging.download()
+        return receipt
+
+    def settle(self) -> Receipt | None:
+        """Wait for the exchange in flight, if any, and fold its center into θ and θ⁰."""
+        if self._in_flight is None:
+            return None
+        future, self._in_flight = self._in_flight, None
+        receipt = future.result()
+        center, trainable = self._staging.center_ready(), self.flat.trainable
+        kernels.fold_center(center[:trainable], self.theta, self._theta0)
+        self.flat.vector[trainable:].copy_(center[trainable:])
+        self.pulled_clock = receipt.clock
+        return receipt
+
+    def _link(self):
+        """The client, once nothing else uses the mailbox: no exchange in flight, no copy still reading it."""
+        self.settle()
+        self._staging.release_mailbox()
+        return self.client

@@ -204,8 +204,9 @@ class LocalClient:
     def pull(self):
         return self.core.read(self.mailbox, self.rank)
 
-    def commit(self, pulled_clock, steps):
-        return self.core.commit(self.rank, self.mailbox, pulled_clock, out=self.mailbox)
+    def commit(self, pulled_clock, steps, payload):
+        delta, values = payload.views(self.mailbox.view(torch.uint8))
+        return self.core.commit(self.rank, delta, pulled_clock, out=self.mailbox, values=values)
 
 
 def local_worker(core, theta, algorithm):

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_adag import kernels
-from lightning_adag.kernels import BLOCK, elastic_exchange, install_center, window_delta
+from lightning_adag.kernels import BLOCK, elastic_exchange, fold_center, install_center, window_delta
 
 needs_triton = pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(
@@ -123,6 +123,35 @@ def test_install_center_interpreted_matches_reference(size, center_dtype, param,
 
 @needs_triton
 @INTERPRETED
+@given(size=SIZES, center_dtype=DTYPES, param=DTYPES, seed=st.integers(0, 99))
+def test_fold_center_interpreted_matches_reference(size, center_dtype, param, seed):
+    center, theta, theta0 = vectors(seed, size, center_dtype, param, param)
+    results = []
+    for on in (True, False):
+        local, start = theta.clone(), theta0.clone()
+        with interpreted(on):
+            fold_center(center, local, start)
+        results.append((local, start))
+        assert_matches(start, center.to(param), units(param, center, interpreted_units(param) if on else 0))
+    (local, start), (ref_local, ref_start) = results
+    expected = theta.float() + (center.float() - theta0.float())
+    assert_matches(ref_local, expected.to(param))
+    assert_matches(local, ref_local, units(param, expected, interpreted_units(param)))
+
+
+@given(size=st.integers(1, 500), seed=st.integers(0, 99))
+def test_fold_center_keeps_the_local_progress(size, seed):
+    """The law overlapped commits rely on: folding a center in moves the window's start to it and keeps θ − θ⁰
+    (the steps taken since the window started), up to one float32 rounding of each."""
+    center, theta, theta0 = vectors(seed, size, torch.float32, torch.float32, torch.float32)
+    progress, magnitude = theta - theta0, center.abs() + theta.abs() + theta0.abs()
+    fold_center(center, theta, theta0)
+    assert torch.equal(theta0, center)
+    assert_matches(theta - theta0, progress, units(torch.float32, magnitude, 2))
+
+
+@needs_triton
+@INTERPRETED
 @given(
     size=st.integers(1, 300), wire=st.sampled_from([torch.bfloat16, torch.float16]), commits=st.integers(1, 40),
     interpret=st.booleans(), seed=st.integers(0, 99),
@@ -185,6 +214,7 @@ def test_empty_vectors_are_a_no_op():
         window_delta(empty, empty, 1.0, empty.clone(), empty.clone())
         elastic_exchange(empty.clone(), empty, 0.5, empty.clone())
         install_center(empty, empty.clone(), empty.clone())
+        fold_center(empty, empty.clone(), empty.clone())
 
 
 # ------------------------------------------------------------------------------------------ compiled, on a GPU
@@ -216,7 +246,13 @@ def test_cuda_kernels_match_reference(size, param, wire):
 
         target, target0 = torch.empty_like(theta), torch.empty_like(theta)
         install_center(center, target, target0)
+
+        folded, start = theta.clone(), theta0.clone()
+        fold_center(center, folded, start)
+        ref_folded, ref_start = cpu[0].clone(), cpu[1].clone()
+        fold_center(cpu[2], ref_folded, ref_start)
     assert torch.equal(target.cpu(), cpu[2].to(param)) and torch.equal(target0, target)
+    assert torch.equal(folded.cpu(), ref_folded) and torch.equal(start.cpu(), ref_start)
 
 
 @needs_cuda

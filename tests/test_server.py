@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from conftest import adag_leftovers
 from lightning_adag import auth, wire
 from lightning_adag.flat import Layout
+from lightning_adag.payload import CommitPayload
 from lightning_adag.server.launch import ServerProcess
 from lightning_adag.transports import connect
 from lightning_adag.transports.tcp import split_address
@@ -82,6 +83,47 @@ def test_commit_then_pull(server):
     stats = client.stats()
     assert stats["clock"] == clock + 1 and stats["workers"]["1"]["commits"] >= 1
     client.close()
+
+
+def test_a_compressed_commit_is_accumulated_in_the_center_dtype(server):
+    start, clock = server.center()
+    client = server.connect(rank=1)
+    payload = CommitPayload(LAYOUT, torch.bfloat16)
+    delta, values = payload.views(client.mailbox.view(torch.uint8))
+    delta.copy_(torch.linspace(-1, 1, 8) / 3)
+    values.fill_(0.25)
+    sent = delta.clone()
+    receipt = client.commit(clock, 1, payload)
+    assert receipt.clock == clock + 1
+    expected = start.clone()
+    expected[:8] += sent.float()
+    expected[8:] = 0.25
+    assert torch.equal(client.mailbox, expected)
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "length", "error"),
+    [(0, 0, "unknown dtype code 0"), (9, 0, "unknown dtype code 9"), (2, 0, "narrower"), (4, 3, "bytes")],
+    ids=["no-tensor", "unknown", "wider-than-the-center", "wrong-length"],
+)
+def test_a_commit_that_announces_a_wrong_payload_is_refused(server, code, length, error):
+    before = server.center()
+    sock = server.raw_socket()
+    try:
+        auth.answer(sock, KEY.encode())
+        hello = {"rank": 7, "layout": LAYOUT.to_json(), "algorithm": ADAG}
+        wire.send(sock, wire.Kind.HELLO, payload=wire.json_payload(hello))
+        assert wire.recv(sock).kind is wire.Kind.WELCOME
+        if server.transport == "shm" and length:
+            pytest.skip("a shared-memory commit carries no bytes")
+        sock.sendall(wire.HEADER.pack(wire.MAGIC, wire.VERSION, int(wire.Kind.COMMIT), code, 0, 0, 1, length) + bytes(length))
+        reply = wire.recv(sock)
+        assert reply.kind is wire.Kind.ERROR and error in reply.payload.decode()
+    finally:
+        sock.close()
+    after = server.center()
+    assert after[1] == before[1] and torch.equal(after[0], before[0])
 
 
 def test_a_late_worker_pulls_the_center_the_server_holds(server):
@@ -239,6 +281,7 @@ import time, torch
 from lightning_adag.server.launch import ServerProcess
 from lightning_adag.transports import connect
 from lightning_adag.flat import Layout
+from lightning_adag.payload import CommitPayload
 server = ServerProcess.start("k")
 address = server.wait_ready()
 client = connect("shm", address, 0, Layout(10, 8, torch.float32, "x"), {"name": "adag"}, b"k", timeout=10)

@@ -42,6 +42,23 @@ def test_every_algorithm_trains_the_digits_to_accuracy(script, algorithm, minimu
     assert results[0]["validate"]["val_acc"] >= minimum, results[0]["validate"]
 
 
+def test_compressed_overlapped_commits_train_to_accuracy(script):
+    assert_ok(script, script.run("train.py", "--epochs", "3", "--window", "2", "--compression", "bf16", "--overlap"))
+    results = script.results()
+    assert results[0]["digest"] == results[1]["digest"]  # the last exchange was folded in before the final pull
+    assert results[0]["validate"]["val_acc"] >= 0.9
+    trainable = 64 * 64 + 64 + 64 * 10 + 10
+    assert results[0]["metrics"]["adag/commit_bytes"] == 2 * trainable  # bf16: two bytes a parameter
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed", "bf16-true"])
+def test_precision_plugins_train_against_a_float32_center(script, precision):
+    assert_ok(script, script.run("train.py", "--epochs", "3", "--window", "2", "--precision", precision))
+    results = script.results()
+    assert results[0]["digest"] == results[1]["digest"]
+    assert results[0]["validate"]["val_acc"] >= 0.85
+
+
 def test_spawned_workers_hand_the_center_back_to_the_main_process(script):
     assert_ok(script, script.run("train.py", "--epochs", "2", "--window", "2", "--start-method", "spawn"))
     (main,) = script.results().values()  # only the launching process writes: it holds rank 0's model

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
+import time
 
 import pytest
 import torch
@@ -49,11 +51,11 @@ def step(model, optimizer, batch):
     optimizer.step()
 
 
-def join(server, model, window, rank=0, algorithm=None):
+def join(server, model, window, rank=0, algorithm=None, wrap=lambda client: client, **options):
     flat = FlatState(model)
     algorithm = algorithm or ADAG(window)
     client = connect("shm", server.address, rank, flat.layout, algorithm.spec(), b"k", timeout=30)
-    worker = Worker(flat, client, algorithm)
+    worker = Worker(flat, wrap(client), algorithm, **options)
     worker.offer_initial_center(0)
     worker.reset_to_center()
     return worker
@@ -77,14 +79,17 @@ def test_window_one_with_one_worker_is_plain_local_training(server):
     worker.close()
 
 
-def test_downpour_with_one_worker_is_plain_local_training_step_for_step():
+@pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlapped"])
+def test_downpour_with_one_worker_is_plain_local_training_step_for_step(overlap):
+    """Overlapped, the worker folds each center in one window late (θ += C − θ⁰): with one worker C is exactly
+    where the worker stood at its commit, so it still trains exactly as if alone."""
     with own_server() as server:
-        _check_downpour_is_local_training(server)
+        _check_downpour_is_local_training(server, overlap)
 
 
-def _check_downpour_is_local_training(server):
+def _check_downpour_is_local_training(server, overlap=False):
     remote = make_model()
-    worker = join(server, remote, window=None, algorithm=DOWNPOUR(window=3))
+    worker = join(server, remote, window=None, algorithm=DOWNPOUR(window=3), overlap=overlap)
     start_clock = worker.pulled_clock
     local = copy.deepcopy(remote)
     local_opt = torch.optim.Adam(local.parameters(), lr=1e-2)
@@ -96,7 +101,10 @@ def _check_downpour_is_local_training(server):
             worker.commit(3)  # the center becomes θ⁰ + (θ − θ⁰) = θ, and the worker restarts from it
         for a, b in zip(local.parameters(), remote.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    worker.settle()
     assert worker.pulled_clock == start_clock + 10  # one commit per window
+    worker.show_center()
+    torch.testing.assert_close(worker.flat.vector, FlatState(local).vector, rtol=1e-5, atol=1e-6)
     worker.close()
 
 
@@ -188,3 +196,81 @@ def test_two_workers_start_from_the_first_ones_center(server):
     join(server, second, window=2, rank=1)  # its own offer is ignored: the server already holds a center
     for a, b in zip(first.parameters(), second.parameters()):
         assert torch.equal(a, b)
+
+
+def test_compressed_commits_lose_nothing_with_error_feedback(server):
+    """bf16 on the wire, float32 in the center: the center plus the worker's residual is always the start plus the
+    exact sum of the deltas (up to float32 rounding), and a commit takes half the bytes."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    worker = join(server, model, window=2, compression=torch.bfloat16)
+    plain = join(server, make_model(), window=2, rank=1)
+    assert plain.payload.nbytes == worker.flat.layout.nbytes
+    assert worker.payload.nbytes - plain.payload.nbytes / 2 in (0, 2)  # half, and alignment padding
+    plain.close()
+    start, exact = worker.theta.double(), torch.zeros_like(worker.theta, dtype=torch.float64)
+    for index, batch in enumerate(batches(16), start=1):
+        step(model, optimizer, batch)
+        if index % 2 == 0:
+            exact += (worker.theta.double() - worker.theta0.double()) / 2
+            worker.commit(2)
+            rounding = (worker.residual.double() - exact).abs().max()
+            assert rounding > 0  # bf16 did drop something, which the residual keeps
+    # θ⁰ is the center after the last commit
+    torch.testing.assert_close(worker.theta0.double() + worker.residual.double(), start + exact, rtol=0, atol=1e-6)
+    worker.close()
+
+
+def test_an_overlapped_commit_trains_on_while_the_server_answers(server):
+    class Held:
+        """The real client, whose commits wait until the test releases them."""
+
+        def __init__(self, client):
+            self.client, self.release = client, threading.Event()
+
+        def __getattr__(self, name):
+            return getattr(self.client, name)
+
+        def commit(self, *args):
+            assert self.release.wait(30)
+            return self.client.commit(*args)
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    worker = join(server, model, window=2, wrap=Held, overlap=True)
+    for batch in batches(2):
+        step(model, optimizer, batch)
+    start, at_commit = worker.theta0.clone(), worker.theta.clone()
+    assert worker.commit(2) is None  # returned although the server has not seen the commit
+    assert torch.equal(worker.theta0, at_commit)  # the next window starts where this one ended
+    step(model, optimizer, batches(3)[2])
+    progress = worker.theta - worker.theta0
+    assert worker.poll() is None
+    worker.client.release.set()
+    deadline = time.monotonic() + 30
+    while (receipt := worker.poll()) is None:
+        assert time.monotonic() < deadline, "the overlapped commit never came back"
+        time.sleep(0.01)
+    assert receipt.clock == worker.pulled_clock
+    center = start + (at_commit - start) / 2  # one worker: the center moved by the window's mean step
+    torch.testing.assert_close(worker.theta0, center)
+    torch.testing.assert_close(worker.theta - worker.theta0, progress, rtol=0, atol=1e-6)
+    worker.close()
+
+
+def test_a_bfloat16_model_accumulates_into_a_float32_center():
+    """precision="bf16-true": commits far below a bf16 weight's resolution still add up in the center."""
+    with own_server() as server:
+        model = make_model().to(torch.bfloat16)
+        worker = join(server, model, window=8)
+        assert worker.flat.layout.dtype == torch.float32 and worker.theta.dtype == torch.bfloat16
+        start = worker.theta.clone()
+        up = torch.nextafter(start, torch.full_like(start, float("inf")))  # one bf16 unit above every weight
+        for _ in range(7):  # each window moves every weight by one unit; a commit adds 1/16 of a unit
+            worker.theta.copy_(up)
+            worker.commit(16)
+            assert torch.equal(worker.theta, start)  # what the bf16 worker holds: the center, rounded
+        worker.show_center()
+        center = worker.client.mailbox[: worker.flat.trainable]
+        assert torch.equal(center, start.float() + 7 * (up.float() - start.float()) / 16)  # a bf16 center: start
+        worker.close()

@@ -99,12 +99,15 @@ class ServerCore:
                 self.initialized = True
             return Receipt(self.clock)
 
-    def commit(self, worker: int, delta: Tensor, pulled_clock: int, out: Tensor | None = None) -> Receipt:
+    def commit(
+        self, worker: int, delta: Tensor, pulled_clock: int, out: Tensor | None = None, values: Tensor | None = None
+    ) -> Receipt:
         """Apply one commit atomically, then (when ``out`` is given) copy the new center into ``out``: the center
         ``worker`` now holds.
 
-        ``delta``'s trainable region goes through the algorithm's rule; the rest (frozen parameters and
-        floating-point buffers) replaces the center's, so running statistics travel from worker to worker.
+        ``delta``'s trainable region goes through the algorithm's rule, accumulated in the center's dtype whatever
+        dtype the delta came in; ``values`` (by default, the rest of ``delta``: frozen parameters and floating-point
+        buffers) replace the center's, so running statistics travel from worker to worker.
         """
         with self._lock:
             self._require_initialized()
@@ -113,7 +116,7 @@ class ServerCore:
             commit = Commit(worker, pulled_clock, self.clock)
             trainable = self.layout.trainable
             self.algorithm.server_apply(self.center[:trainable], delta[:trainable], commit)
-            self.center[trainable:].copy_(delta[trainable:])
+            self.center[trainable:].copy_(delta[trainable:] if values is None else values)
             self.clock += 1
             self._record(worker, commit.staleness)
             if out is not None:

@@ -17,8 +17,11 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from lightning_adag import auth, wire
 from lightning_adag.flat import Layout
+from lightning_adag.payload import CommitPayload
 from lightning_adag.server.core import LayoutMismatchError, ServerCore
 from lightning_adag.transports import shm, tcp
 
@@ -166,10 +169,13 @@ class Service:
         kind, buffer = header.kind, channel.buffer
         trainable = buffer[: self.core.layout.trainable]
         if kind is wire.Kind.COMMIT:
-            channel.receive(conn, header, buffer)
+            payload = CommitPayload(self.core.layout, wire.dtype_of(header))
+            sent = buffer.view(torch.uint8)[: payload.nbytes]
+            channel.receive(conn, header, sent, payload.dtype)
             if header.b < 1:
                 raise ValueError(f"a commit must cover at least one step, got {header.b}")
-            receipt = self.core.commit(rank, buffer, header.a, out=buffer)
+            delta, values = payload.views(sent)
+            receipt = self.core.commit(rank, delta, header.a, out=buffer, values=values)
             channel.reply(conn, wire.Kind.CENTER, receipt.clock, receipt.staleness, buffer)
         elif kind is wire.Kind.INIT:
             channel.receive(conn, header, buffer)

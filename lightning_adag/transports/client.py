@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import socket
 
+import torch
 from torch import Tensor
 
 from lightning_adag import auth, wire
 from lightning_adag.flat import Layout
+from lightning_adag.payload import CommitPayload
 from lightning_adag.server.core import Receipt
 
 
@@ -37,8 +39,14 @@ class Client:
         way the mailbox then holds the server's center."""
         return Receipt(self._exchange(wire.Kind.INIT, clock, 0, self.mailbox, wire.Kind.CENTER, self.mailbox).a)
 
-    def commit(self, pulled_clock: int, steps: int) -> Receipt:
-        reply = self._exchange(wire.Kind.COMMIT, pulled_clock, steps, self.mailbox, wire.Kind.CENTER, self.mailbox)
+    def commit(self, pulled_clock: int, steps: int, payload: CommitPayload | None = None) -> Receipt:
+        """Commit the ``payload`` written at the start of the mailbox (see :mod:`lightning_adag.payload`); by
+        default the whole mailbox, a delta in the center's dtype."""
+        payload = payload or CommitPayload(self.layout, self.layout.dtype)
+        sent = self.mailbox.view(torch.uint8)[: payload.nbytes]
+        reply = self._exchange(
+            wire.Kind.COMMIT, pulled_clock, steps, sent, wire.Kind.CENTER, self.mailbox, sent_dtype=payload.dtype
+        )
         return Receipt(reply.a, reply.b)
 
     def pull(self) -> Receipt:
@@ -47,27 +55,33 @@ class Client:
     def get_state(self, index: int) -> Receipt:
         """Copy the server's algorithm state vector number ``index`` into the mailbox's trainable region; the
         receipt names the clock it belongs to."""
-        region = self.mailbox[: self._trainable]
+        region = self.mailbox[: self.layout.trainable]
         return Receipt(self._exchange(wire.Kind.GET_STATE, index, 0, None, wire.Kind.STATE, region).a)
 
     def put_state(self, index: int) -> bool:
         """Offer the mailbox's trainable region as the server's algorithm state vector number ``index`` (from a
         checkpoint); the server takes it (True) only while it holds no center yet."""
-        region = self.mailbox[: self._trainable]
+        region = self.mailbox[: self.layout.trainable]
         return bool(self._exchange(wire.Kind.PUT_STATE, index, 0, region, wire.Kind.STATE, region).b)
 
     def stats(self) -> dict:
         return self._control(wire.Kind.STATS, b"", expect=wire.Kind.REPORT).json()
 
     def close(self) -> None:
+        """Close the connection; a request blocked on it in another thread fails at once."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._sock.close()
 
     # --------------------------------------------------------------------------------- transport-specific
     def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
         raise NotImplementedError
 
-    def _send(self, kind: wire.Kind, a: int, b: int, vector: Tensor | None) -> None:
-        """Send a request; ``vector`` (a view of the mailbox, or None) is what it carries to the server."""
+    def _send(self, kind: wire.Kind, a: int, b: int, vector: Tensor | None, dtype: torch.dtype | None) -> None:
+        """Send a request; ``vector`` (a view of the mailbox, or None) is what it carries to the server, as
+        ``dtype`` (when its bytes hold another dtype than the view's)."""
         raise NotImplementedError
 
     def _receive(self, header: wire.Header, vector: Tensor) -> None:
@@ -83,15 +97,22 @@ class Client:
         hello = {"rank": rank, "layout": layout.to_json(), "algorithm": algorithm_spec}
         welcome = self._control(wire.Kind.HELLO, wire.json_payload(hello), expect=wire.Kind.WELCOME)
         self.mailbox = self._open_mailbox(welcome.json(), layout)
-        self._trainable = layout.trainable
+        self.layout = layout
 
     def _exchange(
-        self, kind: wire.Kind, a: int, b: int, sent: Tensor | None, expect: wire.Kind, received: Tensor
+        self,
+        kind: wire.Kind,
+        a: int,
+        b: int,
+        sent: Tensor | None,
+        expect: wire.Kind,
+        received: Tensor,
+        sent_dtype: torch.dtype | None = None,
     ) -> wire.Header:
         """One request carrying ``sent`` (or nothing), answered by an ``expect`` frame whose vector lands in
         ``received``; returns that frame's header."""
         try:
-            self._send(kind, a, b, sent)
+            self._send(kind, a, b, sent, sent_dtype)
             header = wire.read_header(self._sock, max_payload=max(self.mailbox.nbytes, wire.MAX_CONTROL_PAYLOAD))
             if header.kind is expect:
                 self._receive(header, received)

@@ -89,8 +89,9 @@ class ShmClient(Client):
     def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
         return map_segment(Path(welcome["mailbox"]), layout.numel, layout.dtype)
 
-    def _send(self, kind: wire.Kind, a: int, b: int, vector: Tensor | None) -> None:
-        wire.send(self._sock, kind, a, b)  # the vector is already in the shared mailbox
+    def _send(self, kind: wire.Kind, a: int, b: int, vector: Tensor | None, dtype: torch.dtype | None) -> None:
+        # the vector is already in the shared mailbox; the frame only says what it holds
+        wire.send(self._sock, kind, a, b, dtype=None if vector is None else dtype or vector.dtype)
 
     def _receive(self, header: wire.Header, vector: Tensor) -> None:
         if header.length:
@@ -109,10 +110,15 @@ class ShmChannel:
         """The worker sent a frame after WELCOME, so it has mapped the mailbox: the name is no longer needed."""
         unlink_quietly(self.path)
 
-    def receive(self, sock: socket.socket, header: wire.Header, vector: Tensor) -> None:
-        """The vector a request carries is already in ``vector``, a view of the mailbox."""
+    def receive(self, sock: socket.socket, header: wire.Header, vector: Tensor, dtype: torch.dtype | None = None) -> None:
+        """The vector a request carries is already in ``vector``, a view of the mailbox; the frame must announce
+        its dtype (or ``dtype``, for a commit payload's bytes)."""
         if header.length:
             raise wire.ProtocolError(f"{header.kind.name} carries no payload on the shared-memory transport")
+        if header.dtype != wire.DTYPE_CODES[dtype or vector.dtype]:
+            raise wire.ProtocolError(
+                f"{header.kind.name} announces dtype code {header.dtype}, expected {dtype or vector.dtype}"
+            )
 
     def reply(self, sock: socket.socket, kind: wire.Kind, a: int, b: int, vector: Tensor) -> None:
         wire.send(sock, kind, a, b)

@@ -43,11 +43,11 @@ class TcpClient(Client):
     def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
         return torch.empty(layout.numel, dtype=layout.dtype)
 
-    def _send(self, kind: wire.Kind, a: int, b: int, vector: Tensor | None) -> None:
+    def _send(self, kind: wire.Kind, a: int, b: int, vector: Tensor | None, dtype: torch.dtype | None) -> None:
         if vector is None:
             wire.send(self._sock, kind, a, b)
         else:
-            wire.send_tensor(self._sock, kind, vector, a, b)
+            wire.send_tensor(self._sock, kind, vector, a, b, dtype)
 
     def _receive(self, header: wire.Header, vector: Tensor) -> None:
         wire.read_tensor_into(self._sock, header, vector)
@@ -89,9 +89,10 @@ class TcpChannel:
     def attached(self) -> None:
         pass
 
-    def receive(self, sock: socket.socket, header: wire.Header, vector: Tensor) -> None:
-        """Receive the vector a request carries into ``vector``, a view of this connection's buffer."""
-        wire.read_tensor_into(sock, header, vector)
+    def receive(self, sock: socket.socket, header: wire.Header, vector: Tensor, dtype: torch.dtype | None = None) -> None:
+        """Receive the vector a request carries into ``vector``, a view of this connection's buffer (its bytes
+        hold ``dtype`` when that is given: a commit payload)."""
+        wire.read_tensor_into(sock, header, vector, dtype)
 
     def reply(self, sock: socket.socket, kind: wire.Kind, a: int, b: int, vector: Tensor) -> None:
         wire.send_tensor(sock, kind, vector, a, b)

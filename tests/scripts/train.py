@@ -107,7 +107,7 @@ def digest(module: nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -142,6 +142,10 @@ def main() -> None:
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--algorithm", default="adag", choices=sorted(lightning_adag.algorithms.ALGORITHMS))
     p.add_argument("--outer-momentum", type=float, default=0.0, help="ADAG with a server-side Nesterov optimizer")
+    p.add_argument("--compression", choices=["bf16", "fp16"])
+    p.add_argument("--overlap", action="store_true")
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--accelerator", default="cpu")
     args = p.parse_args()
 
     L.seed_everything(int(os.environ.get("LOCAL_RANK", 0)))  # different inits per rank: the center must unify them
@@ -154,10 +158,16 @@ def main() -> None:
         callbacks.append(ModelCheckpoint(dirpath=Path(args.out, "ckpt"), save_last=True))
     trainer = L.Trainer(
         strategy=lightning_adag.ADAGStrategy(
-            algorithm=algorithm(args), start_method=args.start_method, transport=args.transport, server=args.server
+            algorithm=algorithm(args),
+            start_method=args.start_method,
+            transport=args.transport,
+            server=args.server,
+            compression=args.compression,
+            overlap=args.overlap,
         ),
         num_nodes=args.num_nodes,
-        accelerator="cpu",
+        accelerator=args.accelerator,
+        precision=args.precision,
         devices=args.devices,
         max_epochs=args.epochs,
         max_steps=args.max_steps,

@@ -1,0 +1,84 @@
+"""A GPU worker: pinned mailbox, side-stream copies, compressed and overlapped commits, precision plugins.
+
+Every test needs a CUDA device and skips cleanly without one. The worker tests run the same exchanges from a CPU
+worker and from a GPU worker against real servers and compare the centers they produce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from lightning_adag.algorithms import ADAG
+from lightning_adag.flat import FlatState
+from lightning_adag.server.launch import ServerProcess
+from lightning_adag.transports import connect
+from lightning_adag.worker import Worker
+from test_worker import make_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@contextlib.contextmanager
+def serving(transport: str):
+    server = ServerProcess.start("k", host="127.0.0.1" if transport == "tcp" else None, log_level="ERROR")
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def exchanges(device: str, transport: str, compression: torch.dtype | None, overlap: bool) -> torch.Tensor:
+    """Twelve steps of made-up local progress, a commit every two, on a fresh server; the final center."""
+    with serving(transport) as address:
+        flat = FlatState(make_model().to(device))
+        algorithm = ADAG(2)
+        client = connect(transport, address, 0, flat.layout, algorithm.spec(), b"k", timeout=30)
+        worker = Worker(flat, client, algorithm, compression, error_feedback=True, overlap=overlap)
+        try:
+            worker.offer_initial_center(0)
+            worker.reset_to_center()
+            if device == "cuda":
+                assert client.mailbox.is_pinned()  # page-locked in place, shared memory or not
+            generator = torch.Generator().manual_seed(0)
+            for index in range(12):
+                worker.theta.add_(1e-2 * torch.randn(worker.theta.shape, generator=generator).to(device))
+                if index % 2:
+                    worker.commit(2)
+                worker.poll()
+            worker.settle()
+            worker.show_center()
+            return worker.flat.vector.cpu().clone()
+        finally:
+            worker.close()
+
+
+@pytest.mark.parametrize(
+    ("transport", "compression", "overlap"),
+    [("shm", None, False), ("shm", torch.bfloat16, True), ("tcp", None, True), ("tcp", torch.bfloat16, False)],
+)
+def test_a_gpu_worker_commits_what_a_cpu_worker_would(transport, compression, overlap):
+    on_cpu = exchanges("cpu", transport, compression, overlap)
+    on_gpu = exchanges("cuda", transport, compression, overlap)
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-5, atol=1e-6)  # compiled kernels may fuse a multiply-add
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--precision", "16-mixed"],
+        ["--precision", "bf16-mixed"],
+        ["--precision", "bf16-true"],
+        ["--compression", "bf16", "--overlap"],
+    ],
+    ids=["16-mixed", "bf16-mixed", "bf16-true", "bf16-wire-overlap"],
+)
+def test_a_gpu_worker_trains_the_digits(script, options):
+    code = script.run("train.py", "--accelerator", "gpu", "--devices", "1", "--epochs", "4", "--window", "2", *options)
+    assert code == 0, script.output()
+    (result,) = script.results().values()
+    assert result["validate"]["val_acc"] >= 0.85
+    assert result["digest_after_validate"] == result["digest"]
