@@ -70,10 +70,14 @@ def elastic_exchange(theta: Tensor, center: Tensor, alpha: float, out: Tensor) -
     if _use_triton(tensors):
         _launch(_elastic_exchange_kernel, theta, center, out, float(alpha))
         return
-    elastic = _scaled_difference(theta, center, alpha, out, _compute_dtype(tensors))
+    compute = _compute_dtype(tensors)
+    elastic = _scaled_difference(theta, center, alpha, out, compute)
     if elastic is not out:
         out.copy_(elastic)
-    theta.sub_(out)
+    if theta.dtype == compute:
+        theta.sub_(out)
+    else:  # widen explicitly: how an in-place op mixes a 16-bit tensor with a float32 one varies across torch releases
+        theta.copy_(theta.to(compute).sub_(out.to(compute)))
 
 
 def install_center(center: Tensor, theta: Tensor, theta0: Tensor) -> None:
