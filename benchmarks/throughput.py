@@ -6,11 +6,13 @@
 Sections (each prints a markdown table; every ratio compares runs made by this same invocation):
 
 * ``comm``: the paper's MLP (784-1000-2000-1000-10, ~5.8M parameters), batch 128, Adam, 2 CPU workers: Lightning
-  DDP (gloo), DDP with post-local SGD (``model_averaging_period=λ``), and ADAG with λ in {1, 8, 32}.
+  DDP (gloo), DDP with post-local SGD (``model_averaging_period=λ``), and ADAG with λ in {1, 8, 32} (and λ=8
+  overlapped).
 * ``straggler``: the same with worker 1 made 3x slower (it sleeps twice its compute time each step); each
   worker's rate relative to its rate in the ``comm`` runs.
 * ``link``: two "nodes" in network namespaces joined by a veth pair shaped with ``tc tbf`` (1 Gbit/s and
-  100 Mbit/s), over TCP: DDP vs ADAG λ in {8, 32}. Needs root and iproute2; skipped with a message otherwise.
+  100 Mbit/s), over TCP: DDP vs ADAG λ in {8, 32}, and λ=8 overlapped, with and without a bf16 wire. Needs root
+  and iproute2; skipped with a message otherwise.
 * ``overhead``: one ADAG worker (λ=32) against plain single-process training of the same model.
 * ``scaling``: commits per second one server sustains with 1, 4, 16, 32 client processes pushing a 5.8M-parameter
   vector over shm and tcp, next to the bound set by the server's own per-commit memory work.
@@ -97,7 +99,7 @@ def run_worker(args: argparse.Namespace) -> None:
             model_averaging_period=args.window,
         )
     elif args.strategy == "adag":
-        strategy = lightning_adag.ADAGStrategy(window=args.window)
+        strategy = lightning_adag.ADAGStrategy(window=args.window, overlap=args.overlap, compression=args.compression)
     else:
         strategy = "auto"
     timer = StepTimes()
@@ -129,6 +131,8 @@ def train(config: dict, args: argparse.Namespace, prefix: tuple[str, ...] = (), 
             "--warmup", str(args.warmup), "--strategy", config["strategy"], "--window", str(config.get("window", 1)),
             "--devices", str(config.get("devices", 2 if nodes == 1 else 1)), "--num-nodes", str(nodes),
             "--slow-rank", str(config.get("slow_rank", -1)), "--slow-factor", str(config.get("slow_factor", 1.0)),
+            *(["--overlap"] if config.get("overlap") else []),
+            *(["--compression", config["compression"]] if config.get("compression") else []),
         ]  # fmt: skip
         procs = []
         for node in range(nodes):
@@ -177,6 +181,7 @@ COMM = {
     "ADAG λ=1": {"strategy": "adag", "window": 1},
     "ADAG λ=8": {"strategy": "adag", "window": 8},
     "ADAG λ=32": {"strategy": "adag", "window": 32},
+    "ADAG λ=8, overlapped": {"strategy": "adag", "window": 8, "overlap": True},
 }
 
 
@@ -231,7 +236,11 @@ def section_link(args, results) -> None:
         "DDP (gloo)": {"strategy": "ddp", "num_nodes": 2},
         "ADAG λ=8": {"strategy": "adag", "window": 8, "num_nodes": 2},
         "ADAG λ=32": {"strategy": "adag", "window": 32, "num_nodes": 2},
-    }
+        "ADAG λ=8, overlapped": {"strategy": "adag", "window": 8, "num_nodes": 2, "overlap": True},
+        "ADAG λ=8, overlapped, bf16 wire": {
+            "strategy": "adag", "window": 8, "num_nodes": 2, "overlap": True, "compression": "bf16"
+        },
+    }  # fmt: skip
     prefix = tuple(("ip", "netns", "exec", ns) for ns in NETNS)
     env = {"MASTER_ADDR": NETNS_ADDRESSES[0], "MASTER_PORT": "29531"}
     rows = []
@@ -347,6 +356,8 @@ def main() -> None:
     parser.add_argument("--num-nodes", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--slow-rank", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--slow-factor", type=float, default=1.0, help=argparse.SUPPRESS)
+    parser.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compression", help=argparse.SUPPRESS)
     parser.add_argument("--transport", help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
