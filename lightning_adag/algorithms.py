@@ -47,8 +47,6 @@ class Algorithm:
     """
 
     name: ClassVar[str]
-    #: Whether every window starts from the center the commit brought back (what overlapped exchanges rely on).
-    restarts_from_center: ClassVar[bool] = True
 
     def __init__(self, window: int | None = None) -> None:
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
@@ -56,6 +54,12 @@ class Algorithm:
         self.window = window
 
     # ------------------------------------------------------------------------------------------ worker half
+    @property
+    def restarts_from_center(self) -> bool:
+        """Whether every window starts from the center its commit brought back: true of every algorithm that keeps
+        the default :meth:`exchange` (what overlapped exchanges rely on)."""
+        return type(self).exchange is Algorithm.exchange
+
     def exchange(self, worker: Worker, steps: int) -> Receipt:
         """End a window of ``steps`` local steps: commit :meth:`worker_delta`, then restart the window from the
         center the server hands back (θ ← C, θ⁰ ← C)."""
@@ -276,11 +280,11 @@ class AEASGD(Algorithm):
     ``α = rho · elastic_lr``, moves itself towards the center (``θ ← θ − E``) and commits ``E``; the server adds it.
     The worker keeps its own parameters: it is never reset to the center (except to hand the final center back).
     ``E`` is rounded to the wire dtype before the worker subtracts it, so a compressed commit needs no error
-    feedback: worker and center move by the same rounded amount.
+    feedback: with float32 parameters, worker and center move by the same rounded amount (16-bit parameters round
+    ``θ − E`` once more).
     """
 
     name = "aeasgd"
-    restarts_from_center = False
 
     def __init__(self, window: int | None = None, rho: float = 5.0, elastic_lr: float = 0.01) -> None:
         super().__init__(window)

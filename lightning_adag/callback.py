@@ -9,8 +9,6 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
-from lightning_adag.server.core import Receipt
-
 
 class ADAGCallback(Callback):
     """Counts each worker's local optimizer steps and commits every ``window`` of them.
@@ -62,13 +60,13 @@ class ADAGCallback(Callback):
         if self._steps_in_window >= trainer.strategy.algorithm.window:
             self._commit(trainer)
         else:
-            self._record(trainer.strategy.worker.poll())  # an overlapped exchange may have brought its center
+            trainer.strategy.worker.poll()  # an overlapped exchange may have brought its center
         self._log(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != TrainerFn.FITTING:
             return  # outside fit the model already holds the center (pulled in the strategy's setup)
-        self._record(trainer.strategy.worker.settle())  # every commit has landed before anyone looks
+        trainer.strategy.worker.settle()  # every commit has landed before anyone looks
         trainer.strategy.barrier("adag_show_center")
         trainer.strategy.worker.show_center()
         trainer.strategy.barrier("adag_center_shown")
@@ -77,7 +75,7 @@ class ADAGCallback(Callback):
         """Commit the last partial window, wait for every worker's, and leave the final center in the model."""
         if self._steps_in_window:
             self._commit(trainer)
-        self._record(trainer.strategy.worker.settle())
+        trainer.strategy.worker.settle()
         trainer.strategy.barrier("adag_final_commits")
         trainer.strategy.worker.reset_to_center()
         trainer.strategy.barrier("adag_final_pull")
@@ -95,23 +93,23 @@ class ADAGCallback(Callback):
 
     def _commit(self, trainer: pl.Trainer) -> None:
         start = time.perf_counter()
-        receipt = trainer.strategy.worker.commit(self._steps_in_window)
+        trainer.strategy.worker.commit(self._steps_in_window)
         self._since_log.latency.add((time.perf_counter() - start) * 1e3)
-        self._record(receipt)
         self.commits += 1
         self._steps_in_window = 0
 
-    def _record(self, receipt: Receipt | None) -> None:
-        if receipt is not None:
-            self._since_log.staleness.add(receipt.staleness)
-
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the means since the last log, on the steps whose metrics Lightning hands to the loggers (every
-        ``log_every_n_steps``). Only then: each ``self.log`` call costs about a millisecond of Lightning's
-        bookkeeping, and on a GPU a device synchronization, which every step would pay."""
-        if not trainer._logger_connector.should_update_logs or not self._since_log.latency.count:
-            return
+        ``log_every_n_steps``) and on the last batch of an epoch (so short runs show them too). Only then: each
+        ``self.log`` call costs about a millisecond of Lightning's bookkeeping, and on a GPU a device
+        synchronization, which every step would pay."""
         worker = trainer.strategy.worker
+        for receipt in worker.completed:
+            self._since_log.staleness.add(receipt.staleness)
+        worker.completed.clear()
+        epoch_ends = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if not (trainer._logger_connector.should_update_logs or epoch_ends) or not self._since_log.latency.count:
+            return
         metrics = {
             "adag/commit_ms": self._since_log.latency.mean(),
             "adag/commits": float(self.commits),

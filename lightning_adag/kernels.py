@@ -41,21 +41,24 @@ def window_delta(theta: Tensor, theta0: Tensor, scale: float, out: Tensor, resid
     ``scale`` is ``1 / steps`` for ADAG and ``1.0`` for DOWNPOUR. With ``residual`` (float32), error feedback for a
     narrow wire: ``exact = (theta - theta0) * scale + residual`` is computed in float32, ``out = exact`` rounded to
     ``out``'s dtype, and ``residual = exact - out``, so what rounding drops now is sent with a later commit.
+    A value beyond ``out``'s range is sent as its largest finite value (the residual keeps the excess), never as
+    an infinity that would poison the center.
     """
     tensors = {"theta": theta, "theta0": theta0, "out": out}
     if residual is not None:
         tensors["residual"] = residual
         if residual.dtype != torch.float32:
             raise ValueError(f"residual must be float32 (it keeps what the wire dtype drops), got {residual.dtype}")
+    largest = torch.finfo(out.dtype).max
     if _use_triton(tensors):
-        _launch(_window_delta_kernel, theta, theta0, out, residual, float(scale))
+        _launch(_window_delta_kernel, theta, theta0, out, residual, float(scale), largest)
         return
     compute = _compute_dtype(tensors)
     exact = _scaled_difference(theta, theta0, scale, out, compute)
     if residual is not None:
         exact.add_(residual)
     if exact is not out:
-        out.copy_(exact)
+        out.copy_(exact.clamp(-largest, largest) if out.dtype.itemsize < exact.dtype.itemsize else exact)
     if residual is not None:
         torch.sub(exact, out.to(compute), out=residual)
 
@@ -159,14 +162,14 @@ def _jitted(kernel, interpret: bool):
 
 
 # Triton kernel bodies, wrapped by _jitted. Offsets are int64 so vectors over 2**31 elements stay addressable.
-def _window_delta_kernel(theta, theta0, out, residual, scale, numel, BLOCK: tl.constexpr):
+def _window_delta_kernel(theta, theta0, out, residual, scale, largest, numel, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     exact = tl.load(theta + offsets, mask=mask).to(tl.float32) - tl.load(theta0 + offsets, mask=mask).to(tl.float32)
     exact = exact * scale
     if residual is not None:
         exact = exact + tl.load(residual + offsets, mask=mask)
-    sent = exact.to(out.dtype.element_ty)
+    sent = tl.clamp(exact, -largest, largest, propagate_nan=tl.PropagateNan.ALL).to(out.dtype.element_ty)
     tl.store(out + offsets, sent, mask=mask)
     if residual is not None:
         tl.store(residual + offsets, exact - sent.to(tl.float32), mask=mask)

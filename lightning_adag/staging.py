@@ -5,6 +5,7 @@ commit payload and, after a reply, the center. On a CPU worker the mailbox *is* 
 the payload straight into it and read the center from it. On a GPU worker both have a device-side copy, and each
 crosses the bus in one copy on a side stream, to or from a mailbox page-locked in place (``cudaHostRegister``), so
 the copies are DMA transfers that do not queue behind the compute stream. Nothing is allocated per commit.
+(A TCP mailbox is allocated page-locked by its client; a shared-memory one is registered here.)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Staging:
             self._stream = torch.cuda.Stream(device)
             self._written = torch.cuda.Event()
             self._arrived = torch.cuda.Event()
+            self._consumed = torch.cuda.Event()
             self._pinned = _pin(mailbox)
 
     def payload_written(self) -> None:
@@ -70,14 +72,21 @@ class Staging:
             self.center.copy_(self._mailbox)
             return
         with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
+            self._stream.wait_event(self._consumed)  # the compute stream is done reading the previous center
             self.center.copy_(self._mailbox, non_blocking=True)
             self._arrived.record(self._stream)
 
     def center_ready(self) -> Tensor:
-        """:attr:`center`, once the compute stream has waited for the last :meth:`download`."""
+        """:attr:`center`, once the compute stream has waited for the last :meth:`download`. Call
+        :meth:`center_consumed` after the reads are queued."""
         if self._cuda:
             torch.cuda.current_stream(self._device).wait_event(self._arrived)
         return self.center
+
+    def center_consumed(self) -> None:
+        """The reads of :attr:`center` are queued on the current stream: the next download waits for them."""
+        if self._cuda:
+            self._consumed.record(torch.cuda.current_stream(self._device))
 
     def release_mailbox(self) -> None:
         """Block until no copy still reads the mailbox: call before a request lets anything overwrite it."""
@@ -85,21 +94,26 @@ class Staging:
             self._arrived.synchronize()
 
     def close(self) -> None:
+        if self._cuda:
+            self._stream.synchronize()  # no copy may still use a buffer once it is freed
         if self._pinned:
-            self.release_mailbox()
             torch.cuda.cudart().cudaHostUnregister(self._mailbox.data_ptr())
             self._pinned = False
 
 
 def _pin(mailbox: Tensor) -> bool:
-    """Page-lock the mailbox where it is (shared memory or not), so copies to and from the GPU are asynchronous."""
+    """Page-lock the mailbox where it is (a shared-memory mapping), so copies to and from the GPU are asynchronous.
+    Returns whether this registered it (and must undo it)."""
     if mailbox.is_pinned():
-        return False  # already pinned by its allocator: nothing to undo later
+        return False  # allocated page-locked by its client: nothing to undo later
     error = int(torch.cuda.cudart().cudaHostRegister(mailbox.data_ptr(), mailbox.nbytes, 0))
     if error:
+        # CUDA keeps the error pending for this thread; torch's next launch check may report it. Rare (platforms
+        # without host registration, such as WSL): say what happened before that.
         warnings.warn(
             f"could not page-lock the ADAG mailbox (cudaHostRegister error {error}): copies between the GPU and the"
-            " mailbox will be synchronous",
+            " mailbox will be synchronous, and CUDA may report this error again at the next kernel launch;"
+            " transport='tcp' avoids registration",
             stacklevel=3,
         )
     return error == 0

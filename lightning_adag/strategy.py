@@ -372,8 +372,21 @@ class ADAGStrategy(ParallelStrategy):
             self.algorithm.spec(),
             self._key,
             self._server_timeout,
+            pin_memory=self.root_device.type == "cuda",
         )
-        worker = Worker(flat, client, self.algorithm, self._compression, self._error_feedback, self._overlap)
+        try:
+            worker = Worker(flat, client, self.algorithm, self._compression, self._error_feedback, self._overlap)
+        except BaseException:
+            client.close()
+            raise
+        try:
+            self._start_from_one_center(trainer, worker)
+        except BaseException:
+            worker.close()  # teardown never sees a worker that did not finish joining
+            raise
+        return worker
+
+    def _start_from_one_center(self, trainer: pl.Trainer, worker: Worker) -> None:
         if self.is_global_zero:
             callback = self._callback(trainer)
             receipt = worker.offer_initial_center(callback.restored_clock, callback.restored_server_state)
@@ -386,7 +399,6 @@ class ADAGStrategy(ParallelStrategy):
         self.barrier("adag_center_initialized")
         self.checkpoint_clock = worker.reset_to_center().clock
         self.barrier("adag_center_pulled")
-        return worker
 
 
 class _ChecksModelBeforeLaunch:

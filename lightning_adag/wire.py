@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 MAGIC = b"ADAG"
-VERSION = 1
+VERSION = 2  # 2: commits announce their payload's dtype (compressed deltas), on shared memory too
 HEADER = struct.Struct("!4sBBBBqqQ")
 MAX_CONTROL_PAYLOAD = 64 * 1024
 

@@ -39,7 +39,12 @@ class Worker:
     When the center C arrives (checked after every batch by :meth:`poll`, and waited for at the latest at the next
     commit) it is folded in: θ ← θ + (C − θ⁰), θ⁰ ← C. The worker then stands on the center plus exactly the steps
     it took meanwhile, and its next delta measures those steps only; the center is one exchange older than it would
-    be without overlap. Only algorithms that restart each window from the center can overlap (not AEASGD).
+    be without overlap. The values that travel by value (buffers such as running statistics) fold the same way
+    against the values the commit sent, so the local updates made meanwhile are kept. Only algorithms that restart
+    each window from the center can overlap (not AEASGD).
+
+    Every exchange's receipt, once it has completed, is appended to :attr:`completed` (the callback drains it for
+    its metrics).
     """
 
     def __init__(
@@ -65,7 +70,9 @@ class Worker:
         narrow = self.payload.dtype != flat.layout.dtype
         self._residual = torch.zeros_like(self._theta0, dtype=torch.float32) if narrow and error_feedback else None
         self._background = ThreadPoolExecutor(1, thread_name_prefix="adag-exchange") if overlap else None
+        self._values0 = flat.vector[flat.trainable :].clone() if overlap else None  # the values last sent
         self._in_flight: Future | None = None
+        self.completed: list[Receipt] = []
 
     def offer_initial_center(self, clock: int, server_state: dict[str, Tensor] | None = None) -> Receipt:
         """Propose this worker's parameters as the center at ``clock``, with the algorithm's server-side state
@@ -103,11 +110,14 @@ class Worker:
         during the call: with ``overlap``, the previous one, if it had not been folded in yet (else None)."""
         self.resume_window()
         if self._background is None:
-            return self.algorithm.exchange(self, steps)
+            receipt = self.algorithm.exchange(self, steps)
+            self.completed.append(receipt)
+            return receipt
         settled = self.settle()
         self.algorithm.worker_delta(self.theta, self.theta0, steps, self.outgoing, self.residual)
         self._write_values()
         self._theta0.copy_(self.theta)  # until the center arrives, the next window starts here
+        self._values0.copy_(self.flat.vector[self.flat.trainable :])
         self._in_flight = self._background.submit(self._exchange, self.pulled_clock, steps)
         return settled
 
@@ -162,6 +172,7 @@ class Worker:
         center, trainable = self._staging.center_ready(), self.flat.trainable
         kernels.install_center(center[:trainable], self.theta, self._theta0)
         self.flat.vector[trainable:].copy_(center[trainable:])
+        self._staging.center_consumed()
         self.pulled_clock = receipt.clock
         return receipt
 
@@ -174,6 +185,7 @@ class Worker:
             else:
                 self._stash.copy_(self.flat.vector)
         self.flat.vector.copy_(self._staging.center_ready())
+        self._staging.center_consumed()
         self.shown_clock = receipt.clock
         return receipt.clock
 
@@ -184,9 +196,10 @@ class Worker:
             self.shown_clock = None
 
     def close(self) -> None:
-        self.client.close()  # an exchange still in flight fails at once
         if self._background is not None:
+            self.client.interrupt()  # an exchange still in flight fails at once
             self._background.shutdown(wait=True)
+        self.client.close()
         self._staging.close()
 
     # ------------------------------------------------------------------------------------------- helpers
@@ -210,8 +223,10 @@ class Worker:
         receipt = future.result()
         center, trainable = self._staging.center_ready(), self.flat.trainable
         kernels.fold_center(center[:trainable], self.theta, self._theta0)
-        self.flat.vector[trainable:].copy_(center[trainable:])
+        kernels.fold_center(center[trainable:], self.flat.vector[trainable:], self._values0)
+        self._staging.center_consumed()
         self.pulled_clock = receipt.clock
+        self.completed.append(receipt)
         return receipt
 
     def _link(self):

@@ -35,7 +35,7 @@ def exchanges(device: str, transport: str, compression: torch.dtype | None, over
     with serving(transport) as address:
         flat = FlatState(make_model().to(device))
         algorithm = ADAG(2)
-        client = connect(transport, address, 0, flat.layout, algorithm.spec(), b"k", timeout=30)
+        client = connect(transport, address, 0, flat.layout, algorithm.spec(), b"k", 30, pin_memory=device == "cuda")
         worker = Worker(flat, client, algorithm, compression, error_feedback=True, overlap=overlap)
         try:
             worker.offer_initial_center(0)

@@ -174,6 +174,19 @@ def test_error_feedback_sends_everything_over_many_commits(size, wire, commits, 
     assert ((sent + residual.double() - exact).abs() <= tolerance).all()
 
 
+@pytest.mark.parametrize("interpret", [False, True] if kernels.triton is not None else [False])
+def test_a_delta_beyond_the_wire_range_is_sent_in_pieces_not_as_infinity(interpret):
+    theta, theta0 = torch.tensor([7e4, 1.0, -1e5]), torch.zeros(3)
+    out, residual = torch.empty(3, dtype=torch.float16), torch.zeros(3)
+    largest = torch.finfo(torch.float16).max
+    with interpreted(interpret):
+        window_delta(theta, theta0, 1.0, out, residual)
+        assert out.tolist() == [largest, 1.0, -largest]
+        assert residual.tolist() == [7e4 - largest, 0.0, -1e5 + largest]
+        window_delta(theta0, theta0, 1.0, out, residual)  # the next window sends the rest
+    assert out.tolist() == [7e4 - largest, 0.0, -1e5 + largest] and not residual.any()
+
+
 def test_reference_path_rounds_once():
     """The torch path widens to float32 and rounds once per output (what the Triton kernels do)."""
     theta, theta0 = vectors(0, 1000, torch.bfloat16, torch.bfloat16)

@@ -16,6 +16,15 @@ CLIENTS: dict[str, type[Client]] = {"shm": ShmClient, "tcp": TcpClient}
 
 
 def connect(
-    transport: str, address: str, rank: int, layout: Layout, algorithm_spec: dict, key: bytes, timeout: float
+    transport: str,
+    address: str,
+    rank: int,
+    layout: Layout,
+    algorithm_spec: dict,
+    key: bytes,
+    timeout: float,
+    pin_memory: bool = False,
 ) -> Client:
-    return CLIENTS[transport](address, rank, layout, algorithm_spec, key, timeout)
+    """A connected client; ``pin_memory`` asks for a page-locked mailbox (for a GPU worker) where the transport
+    allocates it."""
+    return CLIENTS[transport](address, rank, layout, algorithm_spec, key, timeout, pin_memory)

@@ -67,12 +67,15 @@ class Client:
     def stats(self) -> dict:
         return self._control(wire.Kind.STATS, b"", expect=wire.Kind.REPORT).json()
 
-    def close(self) -> None:
-        """Close the connection; a request blocked on it in another thread fails at once."""
+    def interrupt(self) -> None:
+        """Make a request blocked on this connection in another thread fail at once (then :meth:`close`)."""
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def close(self) -> None:
+        self.interrupt()
         self._sock.close()
 
     # --------------------------------------------------------------------------------- transport-specific

@@ -76,7 +76,16 @@ def remove_segments(prefix: str) -> list[str]:
 class ShmClient(Client):
     """A worker's connection to a server on the same machine, at the path of its Unix socket."""
 
-    def __init__(self, address: str, rank: int, layout: Layout, algorithm_spec: dict, key: bytes, timeout: float):
+    def __init__(
+        self,
+        address: str,
+        rank: int,
+        layout: Layout,
+        algorithm_spec: dict,
+        key: bytes,
+        timeout: float,
+        pin_memory: bool = False,  # the mapping is page-locked in place by the worker's staging, see staging.py
+    ):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:

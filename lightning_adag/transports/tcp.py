@@ -35,13 +35,23 @@ def tune(sock: socket.socket) -> None:
 class TcpClient(Client):
     """A worker's connection to a server at ``host:port``."""
 
-    def __init__(self, address: str, rank: int, layout: Layout, algorithm_spec: dict, key: bytes, timeout: float):
+    def __init__(
+        self,
+        address: str,
+        rank: int,
+        layout: Layout,
+        algorithm_spec: dict,
+        key: bytes,
+        timeout: float,
+        pin_memory: bool = False,
+    ):
         sock = _connect(address, timeout)
         tune(sock)
+        self._pin_memory = pin_memory
         super().__init__(sock, address, rank, layout, algorithm_spec, key)
 
     def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
-        return torch.empty(layout.numel, dtype=layout.dtype)
+        return torch.empty(layout.numel, dtype=layout.dtype, pin_memory=self._pin_memory)
 
     def _send(self, kind: wire.Kind, a: int, b: int, vector: Tensor | None, dtype: torch.dtype | None) -> None:
         if vector is None:
