@@ -83,6 +83,15 @@ class Algorithm:
         """``worker`` received ``center`` (the trainable region) at ``clock``; called under the server's lock.
         Only rules that need the pulled center keep it."""
 
+    def server_admit(self, commit: Commit) -> None:
+        """Raise a ``ValueError`` if ``commit`` cannot be applied, before the server counts it."""
+
+    @property
+    def elementwise(self) -> bool:
+        """Whether :meth:`server_apply` treats every element on its own and keeps no state, so that the server may
+        apply a commit one shard at a time (and pipeline commits, see ``ServerCore``)."""
+        return not self.state_names
+
     @property
     def state_names(self) -> tuple[str, ...]:
         """Names of the server-side vectors :meth:`server_state` returns, in a fixed order."""
@@ -225,6 +234,14 @@ class ADAG(DOWNPOUR):
         if self._pulled is not None:
             self._pulled.remember(worker, clock, center)
 
+    def server_admit(self, commit: Commit) -> None:
+        if self._pulled is not None:
+            self._pulled.check(commit.worker, commit.pulled_clock)
+
+    @property
+    def elementwise(self) -> bool:
+        return self._pulled is None and super().elementwise
+
     def _server_params(self) -> dict[str, Any]:
         gamma = {} if self.gamma is None else {"gamma": self.gamma}
         return {**gamma, **super()._server_params()}
@@ -250,10 +267,13 @@ class PulledCenters:
     def remember(self, worker: int, clock: int, center: Tensor) -> None:
         self._by_worker.setdefault(worker, {})[clock] = center.clone()
 
-    def take(self, worker: int, clock: int) -> Tensor:
-        centers = self._by_worker.get(worker, {})
-        if clock not in centers:
+    def check(self, worker: int, clock: int) -> None:
+        if clock not in self._by_worker.get(worker, {}):
             raise ValueError(f"worker {worker} commits from clock {clock}, but the server never handed it that center")
+
+    def take(self, worker: int, clock: int) -> Tensor:
+        self.check(worker, clock)
+        centers = self._by_worker[worker]
         pulled = centers[clock]
         for old in [c for c in centers if c <= clock]:
             del centers[old]

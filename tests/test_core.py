@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_adag.flat import Layout
-from lightning_adag.server.core import LayoutMismatchError, ServerCore
+from lightning_adag.server.core import SHARD_BYTES, LayoutMismatchError, ServerCore
 
 ADAG = {"name": "adag"}
 
 
-def make_core(numel=6, trainable=4, initial=None, clock=0):
-    core = ServerCore()
+def make_core(numel=6, trainable=4, initial=None, clock=0, shard_bytes=SHARD_BYTES):
+    core = ServerCore(shard_bytes=shard_bytes)
     layout = Layout(numel=numel, trainable=trainable, dtype=torch.float64, digest="d")
     core.configure(layout, ADAG)
     core.initialize(torch.zeros(numel, dtype=torch.float64) if initial is None else initial, clock)
@@ -27,12 +27,13 @@ def make_core(numel=6, trainable=4, initial=None, clock=0):
 schedules = st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=1, max_size=40)
 
 
-@given(schedules, st.integers(0, 1000))
+@given(schedules, st.integers(0, 1000), st.sampled_from([8, 16, 24, SHARD_BYTES]))
 @settings(max_examples=200, deadline=None)
-def test_any_interleaving_of_commits_leaves_c0_plus_the_sum_of_deltas(schedule, seed):
+def test_any_interleaving_of_commits_leaves_c0_plus_the_sum_of_deltas(schedule, seed, shard_bytes):
+    """Whatever the shards (one float64 element each, two, three straddling the trainable boundary, or one)."""
     gen = torch.Generator().manual_seed(seed)
     c0 = torch.randint(-50, 50, (6,), generator=gen).double()
-    core = make_core(initial=c0.clone())
+    core = make_core(initial=c0.clone(), shard_bytes=shard_bytes)
     pulled = {}
     total = torch.zeros(4, dtype=torch.float64)
     for worker, pull_first in schedule:
@@ -116,9 +117,11 @@ def test_a_worker_with_another_layout_or_algorithm_is_refused(layout, algorithm,
         core.configure(layout, algorithm)
 
 
-def test_concurrent_commits_are_atomic_and_pulls_never_see_half_a_commit():
+@pytest.mark.parametrize("shard_bytes", [SHARD_BYTES, 64 * 1024], ids=["4MiB-shards", "64KiB-shards"])
+def test_concurrent_commits_are_atomic_and_pulls_never_see_half_a_commit(shard_bytes):
+    """Commits pipeline through the shards, yet every pull sees a whole number of them."""
     numel = 1_000_000
-    core = ServerCore()
+    core = ServerCore(shard_bytes=shard_bytes)
     core.configure(Layout(numel, numel, torch.float32, "d"), ADAG)
     core.initialize(torch.zeros(numel), 0)
     ones = torch.ones(numel)
@@ -143,3 +146,31 @@ def test_concurrent_commits_are_atomic_and_pulls_never_see_half_a_commit():
     assert not torn
     assert core.clock == 100
     assert torch.equal(core.center, torch.full((numel,), 100.0))
+
+
+def test_a_commit_the_rule_cannot_apply_is_not_counted():
+    """ADAG with gamma needs the center the worker pulled: a commit from a clock it never pulled is refused before
+    the clock moves (sharded or not, nothing of it is applied)."""
+    core = ServerCore(shard_bytes=8)
+    core.configure(Layout(6, 4, torch.float64, "d"), {"name": "adag", "gamma": 1e-4})
+    core.initialize(torch.zeros(6, dtype=torch.float64), 3)
+    with pytest.raises(ValueError, match="never handed it that center"):
+        core.commit(0, torch.ones(6, dtype=torch.float64), 3)
+    assert core.clock == 3 and core.stats()["workers"] == {}
+    assert torch.equal(core.center, torch.zeros(6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("spec", "elementwise"),
+    [
+        ({"name": "adag"}, True),
+        ({"name": "dynsgd"}, True),
+        ({"name": "aeasgd"}, True),
+        ({"name": "adag", "gamma": 1e-4}, False),
+        ({"name": "downpour", "outer_momentum": 0.9, "outer_lr": 0.7}, False),
+    ],
+)
+def test_only_elementwise_stateless_rules_are_sharded(spec, elementwise):
+    core = ServerCore(shard_bytes=8)
+    core.configure(Layout(6, 4, torch.float64, "d"), spec)
+    assert len(core._spans) == (6 if elementwise else 1)

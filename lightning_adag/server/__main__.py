@@ -20,7 +20,7 @@ from typing import NoReturn
 import torch
 
 from lightning_adag import auth
-from lightning_adag.server.core import ServerCore
+from lightning_adag.server.core import SHARD_BYTES, ServerCore
 from lightning_adag.server.service import Service
 from lightning_adag.server.snapshots import Snapshotter
 from lightning_adag.transports import shm
@@ -49,6 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch intra-op threads for applying commits (default 1: the work is memory-bound, and an OpenMP pool"
         " competing with the workers for cores made a commit 25x slower in our measurements)",
     )
+    parser.add_argument(
+        "--shard-mib",
+        type=float,
+        default=SHARD_BYTES / 2**20,
+        help="MiB per shard of the center (default %(default)g): commits from different workers pipeline through"
+        " the shards, one core each; a size at least the model's turns pipelining off",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     if args.host is None and args.unix is None:
@@ -57,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--checkpoint-every must be positive")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.shard_mib <= 0:
+        parser.error("--shard-mib must be positive")
     return args
 
 
@@ -99,7 +108,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     signal.signal(signal.SIGTERM, _stop)
     torch.set_num_threads(args.threads)
-    core = ServerCore()
+    core = ServerCore(shard_bytes=max(1, round(args.shard_mib * 2**20)))
     snapshotter = Snapshotter(core, args.checkpoint, args.checkpoint_every) if args.checkpoint else None
     service = Service(core, key, args.shm_prefix)
     stop_snapshots = threading.Event()

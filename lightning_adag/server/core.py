@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -48,17 +49,34 @@ class WorkerRecord:
         }
 
 
+#: Bytes per shard of the center: large enough that handing a lock over costs nothing next to the arithmetic,
+#: small enough that a 20 MB model splits into a few stages that different commits can occupy at once.
+SHARD_BYTES = 4 * 2**20
+
+
 class ServerCore:
     """Holds the center ``C`` and the clock (number of commits applied).
 
-    Every read and write of the center happens under one lock, so no pull ever sees half a commit, whatever
-    transport delivered it. The first worker fixes the layout and the algorithm; later ones must agree.
-    ``allocate(numel, dtype)`` supplies the center's storage (the shared-memory transport keeps it in a segment).
+    The center is split into shards, each with its own lock. A commit or a pull enters in order through one small
+    entry lock (which assigns its clock), then walks the shards in order, hand over hand: it takes the next shard's
+    lock before it releases the current one. Nothing overtakes anything, so every shard sees the commits in the
+    same order and a pull sees exactly the commits that entered before it, never half of one, whatever transport
+    delivered them; yet while commit k works on shard 1, commit k+1 already works on shard 0, so commits from
+    several workers use several cores. An algorithm whose server half is not elementwise and stateless (see
+    ``Algorithm.elementwise``) gets a single shard: one lock, as before.
+
+    The first worker fixes the layout and the algorithm; later ones must agree. ``allocate(numel, dtype)``
+    supplies the center's storage.
     """
 
-    def __init__(self, allocate: Callable[[int, torch.dtype], Tensor] | None = None) -> None:
+    def __init__(
+        self, allocate: Callable[[int, torch.dtype], Tensor] | None = None, shard_bytes: int = SHARD_BYTES
+    ) -> None:
         self._allocate = allocate or (lambda numel, dtype: torch.zeros(numel, dtype=dtype))
-        self._lock = threading.Lock()
+        self._shard_bytes = shard_bytes
+        self._entry = threading.Lock()
+        self._spans: list[slice] = []
+        self._locks: list[threading.Lock] = []
         self.layout: Layout | None = None
         self.algorithm: Algorithm | None = None
         self.algorithm_spec: dict | None = None
@@ -69,11 +87,14 @@ class ServerCore:
 
     def configure(self, layout: Layout, algorithm_spec: dict) -> None:
         """Accept a worker's layout and algorithm: the first one defines them, later ones must agree."""
-        with self._lock:
+        with self._entry:
             if self.layout is None:
                 algorithm = server_rule(algorithm_spec)
                 self.center = self._allocate(layout.numel, layout.dtype)
                 self.layout, self.algorithm, self.algorithm_spec = layout, algorithm, dict(algorithm_spec)
+                shard = max(1, self._shard_bytes // layout.dtype.itemsize) if algorithm.elementwise else layout.numel
+                self._spans = [slice(a, min(a + shard, layout.numel)) for a in range(0, layout.numel, shard)]
+                self._locks = [threading.Lock() for _ in self._spans]
                 return
             if layout != self.layout:
                 raise LayoutMismatchError(
@@ -91,7 +112,7 @@ class ServerCore:
         """Set the center to ``values`` at ``clock`` unless it already holds one; either way, return its clock."""
         if clock < 0:
             raise ValueError(f"clock must be >= 0, got {clock}")
-        with self._lock:
+        with self._quiesced():
             self._require_layout()
             if not self.initialized:
                 self.center.copy_(values)
@@ -109,33 +130,49 @@ class ServerCore:
         dtype the delta came in; ``values`` (by default, the rest of ``delta``: frozen parameters and floating-point
         buffers) replace the center's, so running statistics travel from worker to worker.
         """
-        with self._lock:
+        with self._entry:
             self._require_initialized()
             if not 0 <= pulled_clock <= self.clock:
                 raise ValueError(f"pulled clock {pulled_clock} is outside [0, {self.clock}]")
-            commit = Commit(worker, pulled_clock, self.clock)
             trainable = self.layout.trainable
-            self.algorithm.server_apply(self.center[:trainable], delta[:trainable], commit)
-            self.center[trainable:].copy_(delta[trainable:] if values is None else values)
+            values = delta[trainable:] if values is None else values
+            if delta.numel() < trainable or values.numel() != self.layout.numel - trainable:
+                raise ValueError(
+                    f"a commit carries {delta.numel()} delta and {values.numel()} value elements, the layout"
+                    f" {trainable} and {self.layout.numel - trainable}"
+                )
+            commit = Commit(worker, pulled_clock, self.clock)
+            self.algorithm.server_admit(commit)
             self.clock += 1
             self._record(worker, commit.staleness)
+            receipt = Receipt(self.clock, commit.staleness)
+            first = self._enter()
+
+        def apply(span: slice, last: bool) -> None:
+            stop = min(span.stop, trainable)
+            if span.start < stop:
+                self.algorithm.server_apply(self.center[span.start : stop], delta[span.start : stop], commit)
+            start = max(span.start, trainable)
+            if start < span.stop:
+                self.center[start : span.stop].copy_(values[start - trainable : span.stop - trainable])
             if out is not None:
-                self._hand_out(worker, out)
-            return Receipt(self.clock, commit.staleness)
+                self._hand_out(worker, receipt.clock, out, span, last)
+
+        self._walk(first, apply)
+        return receipt
 
     def read(self, out: Tensor, worker: int | None = None) -> Receipt:
         """Copy a consistent snapshot of the center into ``out`` (the center ``worker``, if named, now holds)."""
-        with self._lock:
+        with self._entry:
             self._require_initialized()
-            if worker is None:
-                out.copy_(self.center)
-            else:
-                self._hand_out(worker, out)
-            return Receipt(self.clock)
+            receipt = Receipt(self.clock)
+            first = self._enter()
+        self._walk(first, lambda span, last: self._hand_out(worker, receipt.clock, out, span, last))
+        return receipt
 
     def snapshot(self) -> dict | None:
         """Everything needed to restart from here (see :meth:`restore`), or None before initialization."""
-        with self._lock:
+        with self._quiesced():
             if not self.initialized:
                 return None
             return {
@@ -150,7 +187,7 @@ class ServerCore:
         """Start from a :meth:`snapshot`: its layout and algorithm bind later workers, its center and clock are
         the server's."""
         self.configure(Layout.from_json(snapshot["layout"]), snapshot["algorithm"])
-        with self._lock:
+        with self._quiesced():
             for name, values in snapshot.get("server_state", {}).items():
                 self.algorithm.load_server_state(name, values)
         self.initialize(snapshot["center"], int(snapshot["clock"]))
@@ -158,7 +195,7 @@ class ServerCore:
     def read_state(self, index: int, out: Tensor) -> Receipt:
         """Copy the algorithm's server-side vector number ``index`` (see ``Algorithm.state_names``) into ``out``,
         with the clock it belongs to (the same clock as a center read then)."""
-        with self._lock:
+        with self._quiesced():
             self._require_initialized()
             state = self.algorithm.server_state().get(self._state_name(index))
             if state is None:
@@ -170,7 +207,7 @@ class ServerCore:
     def load_state(self, index: int, values: Tensor) -> bool:
         """Restore the algorithm's server-side vector number ``index`` from a checkpoint, before the center is
         initialized; ignored (returns False) once a center is held, exactly like :meth:`initialize`'s values."""
-        with self._lock:
+        with self._quiesced():
             self._require_layout()
             if self.initialized:
                 return False
@@ -178,7 +215,7 @@ class ServerCore:
             return True
 
     def stats(self) -> dict:
-        with self._lock:
+        with self._entry:
             return {
                 "clock": self.clock,
                 "initialized": self.initialized,
@@ -187,9 +224,39 @@ class ServerCore:
                 "workers": {str(rank): record.to_json() for rank, record in sorted(self.workers.items())},
             }
 
-    def _hand_out(self, worker: int, out: Tensor) -> None:
-        out.copy_(self.center)
-        self.algorithm.server_pulled(worker, self.clock, self.center[: self.layout.trainable])
+    def _hand_out(self, worker: int | None, clock: int, out: Tensor, span: slice, last: bool) -> None:
+        """Copy one shard of the center into ``out``; after the last one, tell the algorithm what ``worker`` got
+        (only single-shard algorithms look, so their center is whole then)."""
+        out[span].copy_(self.center[span])
+        if last and worker is not None:
+            self.algorithm.server_pulled(worker, clock, self.center[: self.layout.trainable])
+
+    def _enter(self) -> threading.Lock:
+        """Take the first shard's lock (the caller holds the entry lock, so the pipeline's order is kept)."""
+        self._locks[0].acquire()
+        return self._locks[0]
+
+    def _walk(self, held: threading.Lock, visit: Callable[[slice, bool], None]) -> None:
+        """Visit every shard in order, holding its lock, taking the next before releasing the current one."""
+        try:
+            for index, span in enumerate(self._spans):
+                last = index == len(self._spans) - 1
+                visit(span, last)
+                if not last:
+                    following = self._locks[index + 1]
+                    following.acquire()
+                    held.release()
+                    held = following
+        finally:
+            held.release()
+
+    @contextlib.contextmanager
+    def _quiesced(self):
+        """Hold the whole center: no commit or pull enters, and those in flight have left every shard."""
+        with self._entry, contextlib.ExitStack() as stack:
+            for lock in self._locks:
+                stack.enter_context(lock)
+            yield
 
     def _state_name(self, index: int) -> str:
         names = self.algorithm.state_names

@@ -35,10 +35,11 @@ class ServerProcess:
 
     @classmethod
     def start(
-        cls, key: str, host: str | None = None, port: int = 0, log_level: str = "WARNING"
+        cls, key: str, host: str | None = None, port: int = 0, log_level: str = "WARNING", *options: str
     ) -> ServerProcess:
         """Start the process: on a Unix socket of this machine (shared memory) when ``host`` is None, else on TCP
-        ``host:port`` (0 picks a free port). It imports and binds in the background until :meth:`wait_ready`."""
+        ``host:port`` (0 picks a free port). It imports and binds in the background until :meth:`wait_ready`.
+        ``options`` are more ``adag-server`` command-line options (``"--shard-mib", "64"``)."""
         shm_prefix = f"adag-{os.getpid()}-{secrets.token_hex(4)}"
         socket_path = Path(tempfile.gettempdir(), f"{shm_prefix}.sock")
         lifeline_read, lifeline_write = os.pipe()
@@ -50,6 +51,7 @@ class ServerProcess:
             "--lifeline-fd", str(lifeline_read),
             "--ready-fd", str(ready_write),
             "--log-level", log_level,
+            *options,
         ]  # fmt: skip
         env = {**os.environ, auth.KEY_ENV: key}
         try:
