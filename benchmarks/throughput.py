@@ -209,8 +209,10 @@ def section_straggler(args, results) -> None:
 
 
 @contextlib.contextmanager
-def shaped_link(rate: str):
-    """Two namespaces joined by a veth pair, each end shaped to ``rate`` with tbf; removed on exit."""
+def shaped_link(rate: str, latency: str):
+    """Two namespaces joined by a veth pair, each end shaped to ``rate`` with tbf (queueing at most ``latency``
+    worth of bytes: 100ms at 1 Gbit/s is 12.5 MB, less than one float32 commit of the paper's MLP); removed on
+    exit."""
     a, b = NETNS
     run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True)  # noqa: E731
     try:
@@ -222,7 +224,7 @@ def shaped_link(rate: str):
             run("ip", "-n", ns, "link", "set", dev, "up")
             run("ip", "-n", ns, "link", "set", "lo", "up")
             run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
-                "burst", "1mb", "latency", "100ms")  # fmt: skip
+                "burst", "1mb", "latency", latency)  # fmt: skip
         yield
     finally:
         for ns in NETNS:
@@ -246,7 +248,7 @@ def section_link(args, results) -> None:
     env = {"MASTER_ADDR": NETNS_ADDRESSES[0], "MASTER_PORT": "29531"}
     rows = []
     for rate in args.rates:
-        with shaped_link(rate):
+        with shaped_link(rate, args.tbf_latency):
             runs = measure(configs, args, prefix=prefix, env=env)
         ddp = total(runs["DDP (gloo)"])
         rows += [[rate, name, f"{total(r):.0f}", f"{total(r) / ddp:.2f}"] for name, r in runs.items()]
@@ -349,6 +351,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="training steps per worker and run")
     parser.add_argument("--warmup", type=int, default=5, help="steps per worker left out of the rate")
     parser.add_argument("--rates", nargs="+", default=["1gbit", "100mbit"], help="link rates (tc syntax)")
+    parser.add_argument("--tbf-latency", default="100ms", help="the shaper's queue, as time at the link rate")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--seconds", type=float, default=5.0, help="commit phase length in the scaling section")
     # internal: one training run, or one scaling client
