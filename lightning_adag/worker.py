@@ -127,6 +127,20 @@ class Worker:
             return self.settle()
         return None
 
+    def settle(self) -> Receipt | None:
+        """Wait for the exchange in flight, if any, and fold its center into θ and θ⁰."""
+        if self._in_flight is None:
+            return None
+        future, self._in_flight = self._in_flight, None
+        receipt = future.result()
+        center, trainable = self._staging.center_ready(), self.flat.trainable
+        kernels.fold_center(center[:trainable], self.theta, self._theta0)
+        kernels.fold_center(center[trainable:], self.flat.vector[trainable:], self._values0)
+        self._staging.center_consumed()
+        self.pulled_clock = receipt.clock
+        self.completed.append(receipt)
+        return receipt
+
     # The primitives an algorithm's exchange is made of.
     @property
     def theta(self) -> Tensor:
@@ -213,20 +227,6 @@ class Worker:
         self._staging.upload()
         receipt = self.client.commit(pulled_clock, steps, self.payload)
         self._staging.download()
-        return receipt
-
-    def settle(self) -> Receipt | None:
-        """Wait for the exchange in flight, if any, and fold its center into θ and θ⁰."""
-        if self._in_flight is None:
-            return None
-        future, self._in_flight = self._in_flight, None
-        receipt = future.result()
-        center, trainable = self._staging.center_ready(), self.flat.trainable
-        kernels.fold_center(center[:trainable], self.theta, self._theta0)
-        kernels.fold_center(center[trainable:], self.flat.vector[trainable:], self._values0)
-        self._staging.center_consumed()
-        self.pulled_clock = receipt.clock
-        self.completed.append(receipt)
         return receipt
 
     def _link(self):
