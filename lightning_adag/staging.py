@@ -26,7 +26,6 @@ class Staging:
     """
 
     def __init__(self, mailbox: Tensor, payload: CommitPayload, device: torch.device) -> None:
-        self.payload = payload
         self._mailbox = mailbox
         self._host_payload = mailbox.view(torch.uint8)[: payload.nbytes]
         on_cpu = device.type == "cpu"

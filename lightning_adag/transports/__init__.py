@@ -25,6 +25,5 @@ def connect(
     timeout: float,
     pin_memory: bool = False,
 ) -> Client:
-    """A connected client; ``pin_memory`` asks for a page-locked mailbox (for a GPU worker) where the transport
-    allocates it."""
+    """A connected client of ``transport`` (see :class:`~lightning_adag.transports.client.Client`)."""
     return CLIENTS[transport](address, rank, layout, algorithm_spec, key, timeout, pin_memory)

@@ -24,14 +24,25 @@ class Client:
     mailbox: Tensor
 
     def __init__(
-        self, sock: socket.socket, address: str, rank: int, layout: Layout, algorithm_spec: dict, key: bytes
+        self,
+        address: str,
+        rank: int,
+        layout: Layout,
+        algorithm_spec: dict,
+        key: bytes,
+        timeout: float,
+        pin_memory: bool = False,
     ) -> None:
+        """Connect to ``address`` (waiting at most ``timeout`` seconds for any answer), authenticate with ``key``
+        and introduce the model. ``pin_memory`` asks for a page-locked mailbox (for a GPU worker) where the
+        transport allocates it."""
         self.address = address
-        self._sock = sock
+        self._pin_memory = pin_memory
+        self._sock = self._connect(address, timeout)
         try:
             self._introduce(rank, layout, algorithm_spec, key)
         except BaseException:
-            sock.close()
+            self._sock.close()
             raise
 
     def initialize(self, clock: int) -> Receipt:
@@ -79,6 +90,9 @@ class Client:
         self._sock.close()
 
     # --------------------------------------------------------------------------------- transport-specific
+    def _connect(self, address: str, timeout: float) -> socket.socket:
+        raise NotImplementedError
+
     def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
         raise NotImplementedError
 

@@ -76,16 +76,7 @@ def remove_segments(prefix: str) -> list[str]:
 class ShmClient(Client):
     """A worker's connection to a server on the same machine, at the path of its Unix socket."""
 
-    def __init__(
-        self,
-        address: str,
-        rank: int,
-        layout: Layout,
-        algorithm_spec: dict,
-        key: bytes,
-        timeout: float,
-        pin_memory: bool = False,  # the mapping is page-locked in place by the worker's staging, see staging.py
-    ):
+    def _connect(self, address: str, timeout: float) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
@@ -93,9 +84,10 @@ class ShmClient(Client):
         except OSError as err:
             sock.close()
             raise wire.ServerGoneError(f"cannot reach the parameter server at {address}: {err}") from err
-        super().__init__(sock, address, rank, layout, algorithm_spec, key)
+        return sock
 
     def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
+        # the server's segment; a GPU worker's staging page-locks it in place (pin_memory is not needed here)
         return map_segment(Path(welcome["mailbox"]), layout.numel, layout.dtype)
 
     def _send(self, kind: wire.Kind, a: int, b: int, vector: Tensor | None, dtype: torch.dtype | None) -> None:

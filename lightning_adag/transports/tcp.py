@@ -35,20 +35,10 @@ def tune(sock: socket.socket) -> None:
 class TcpClient(Client):
     """A worker's connection to a server at ``host:port``."""
 
-    def __init__(
-        self,
-        address: str,
-        rank: int,
-        layout: Layout,
-        algorithm_spec: dict,
-        key: bytes,
-        timeout: float,
-        pin_memory: bool = False,
-    ):
+    def _connect(self, address: str, timeout: float) -> socket.socket:
         sock = _connect(address, timeout)
         tune(sock)
-        self._pin_memory = pin_memory
-        super().__init__(sock, address, rank, layout, algorithm_spec, key)
+        return sock
 
     def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
         return torch.empty(layout.numel, dtype=layout.dtype, pin_memory=self._pin_memory)
