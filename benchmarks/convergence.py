@@ -2,16 +2,26 @@
 
     pip install -e ".[benchmarks]"
     python benchmarks/convergence.py --workers 4 8 16 --windows 10 20 --epochs 40 --out benchmarks/results
+    python benchmarks/convergence.py --dataset augmented --workers 8 32 --windows 10 --epochs 12 --seeds 0 1 2
 
 Every configuration trains the paper's MLP (784-1000-2000-1000-10, ReLU) with Adam workers (lr 0.001, batch 128)
 from the same initialization on a fixed data budget (``--epochs`` passes over the training set in total, split
 across the ``n`` workers by their shards), in its own process tree. Rank 0 evaluates the center variable on the
 validation set every ``--probe-seconds`` of training (without stopping the other workers) and once at the end.
-The driver writes ``results.json``, ``table.md`` and ``accuracy_vs_time.png`` into ``--out``.
+The driver writes ``runs/<name>.json`` per run and ``results.json``, ``table.md`` and ``accuracy_vs_time.png``
+over every run in ``--out``; a run already there is not repeated, so sweeps can be resumed or extended into one
+table (for example more seeds for some algorithms only).
 
-Data: real MNIST from the four IDX files in ``--mnist-dir`` (``train-images-idx3-ubyte`` etc., optionally
-``.gz``); otherwise scikit-learn's 8x8 digits, resized bilinearly to 28x28 so the model keeps the paper's 784
-inputs (1,437 training and 360 validation images).
+Data (``--dataset``): real MNIST from the four IDX files in ``--mnist-dir`` (``train-images-idx3-ubyte`` etc.,
+optionally ``.gz``); ``digits``: scikit-learn's 8x8 digits, resized bilinearly to 28x28 so the model keeps the
+paper's 784 inputs (1,437 training and 360 validation images); ``augmented``: an MNIST-sized set (60,000 training,
+10,000 validation 28x28 images) drawn from those digits by random affine distortions, training images from the
+1,437 training digits only, validation images from the 360 held-out ones. It is generated once into IDX files
+under ``--data-dir`` and read by the MNIST loader, so every worker process loads it in a second.
+
+Temporal efficiency (the paper's third measure) of run A against run B is the ratio of the areas under their
+accuracy-over-time curves up to the shorter run's end; the table gives it for every run against AEASGD with the
+same n, λ and seed, and against DDP with the same n and seed.
 """
 
 from __future__ import annotations
@@ -68,35 +78,111 @@ def find_idx(directory: Path, stem: str) -> Path:
     raise FileNotFoundError(f"no {stem}[.gz] in {directory}")
 
 
+def write_idx(path: Path, array: np.ndarray, code: int = 0x08) -> None:
+    """``array`` as an IDX file, gzipped when ``path`` ends in ``.gz``."""
+    header = struct.pack(">HBB", 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, dtype=IDX_DTYPES[code]).tobytes())
+
+
 def load_mnist(directory: Path) -> tuple[torch.Tensor, ...]:
-    """MNIST's 60k training and 10k test images as the paper used them: pixels scaled to [0, 1], flattened."""
+    """MNIST's 60k training and 10k test images, flattened and kept as bytes: 32 workers holding the training set
+    as float32 would spend 6 GiB on it. ``as_inputs`` scales a batch to [0, 1], as the paper did."""
     parts = []
     for prefix in ("train", "t10k"):
         images = read_idx(find_idx(directory, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(find_idx(directory, f"{prefix}-labels-idx1-ubyte"))
         if len(images) != len(labels):
             raise ValueError(f"{prefix}: {len(images)} images but {len(labels)} labels")
-        parts += [torch.tensor(images.reshape(len(images), -1), dtype=torch.float32) / 255.0, torch.tensor(labels)]
+        parts += [torch.tensor(images.reshape(len(images), -1)), torch.tensor(labels, dtype=torch.int64)]
     return tuple(parts)
 
 
-def load_digits_784(seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """scikit-learn's digits (offline), resized to 28x28 so the paper's 784-input MLP applies; 80/20 split."""
+def as_inputs(x: torch.Tensor) -> torch.Tensor:
+    """A batch as the model's inputs: byte pixels scaled to [0, 1], float pixels unchanged."""
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x
+
+
+def digits_split(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """scikit-learn's 8x8 digits (offline) as images in [0, 1], split 80/20 by a seeded permutation."""
     from sklearn.datasets import load_digits
 
     images, labels = load_digits(return_X_y=True)
     x = torch.tensor(images, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
-    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).flatten(1)
     y = torch.tensor(labels)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     split = int(0.8 * len(x))
     return x[order[:split]], y[order[:split]], x[order[split:]], y[order[split:]]
 
 
-def load_data(mnist_dir: str | None) -> tuple[str, tuple[torch.Tensor, ...]]:
-    if mnist_dir:
-        return "MNIST (IDX files)", load_mnist(Path(mnist_dir))
-    return "scikit-learn digits resized to 28x28", load_digits_784()
+def load_digits_784(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """The digits resized to 28x28 so the paper's 784-input MLP applies."""
+    x_train, y_train, x_val, y_val = digits_split(seed)
+    resize = lambda x: F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).flatten(1)  # noqa: E731
+    return resize(x_train), y_train, resize(x_val), y_val
+
+
+def distort(
+    digits: torch.Tensor, labels: torch.Tensor, count: int, generator: torch.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` 28x28 byte images, each a random one of ``digits`` (N x 1 x 8 x 8 in [0, 1]) drawn as MNIST draws
+    a digit (20x20 in the middle of the frame) under a random rotation (±15°), per-axis scale (0.8–1.2), shear
+    (±0.3), shift (±3 px) and stroke weight (pixel gamma 0.6–1.6), and their labels."""
+    canvas = F.pad(F.interpolate(digits, size=(20, 20), mode="bilinear", align_corners=False), (4, 4, 4, 4))
+    pick = torch.randint(len(digits), (count,), generator=generator)
+    uniform = lambda low, high: low + (high - low) * torch.rand(count, generator=generator)  # noqa: E731
+    angle, shear = torch.deg2rad(uniform(-15.0, 15.0)), uniform(-0.3, 0.3)
+    scale_x, scale_y, gamma = uniform(0.8, 1.2), uniform(0.8, 1.2), uniform(0.6, 1.6)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # affine_grid's matrix maps output to input coordinates (the frame spans [-1, 1], so 3 px = 3/14)
+    theta = torch.stack(
+        [
+            torch.stack([scale_x * cos, scale_x * (shear * cos - sin), uniform(-3 / 14, 3 / 14)], 1),
+            torch.stack([scale_y * sin, scale_y * (shear * sin + cos), uniform(-3 / 14, 3 / 14)], 1),
+        ],
+        1,
+    )
+    images = np.empty((count, 28, 28), dtype=np.uint8)
+    for begin in range(0, count, 8192):
+        chunk = slice(begin, begin + 8192)
+        grid = F.affine_grid(theta[chunk], [len(theta[chunk]), 1, 28, 28], align_corners=False)
+        drawn = F.grid_sample(canvas[pick[chunk]], grid, align_corners=False).clamp(0.0, 1.0)
+        drawn = drawn ** gamma[chunk].view(-1, 1, 1, 1)
+        images[chunk] = (drawn * 255.0).round().to(torch.uint8).squeeze(1).numpy()
+    return images, labels[pick].numpy().astype(np.uint8)
+
+
+def augmented_digits(directory: Path, train: int = 60_000, val: int = 10_000, seed: int = 0) -> Path:
+    """Write the augmented digits as MNIST's four IDX files into ``directory`` (once per recipe); return it.
+
+    Training images come from the digits' training split only and validation images from the held-out split, so
+    validation accuracy measures digits of writers the model never saw."""
+    recipe = {"train": train, "val": val, "seed": seed, "version": 1}
+    marker = directory / "augmented-digits.json"
+    if marker.exists() and json.loads(marker.read_text()) == recipe:
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    x_train, y_train, x_val, y_val = digits_split()
+    generator = torch.Generator().manual_seed(seed)
+    for prefix, digits, labels, count in (("train", x_train, y_train, train), ("t10k", x_val, y_val, val)):
+        images, chosen = distort(digits, labels, count, generator)
+        write_idx(directory / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", chosen)
+    marker.write_text(json.dumps(recipe))
+    return directory
+
+
+DATASETS = {
+    "digits": "scikit-learn digits resized to 28x28 (1,437 training / 360 validation images)",
+    "augmented": "augmented digits (60,000 training / 10,000 validation 28x28 images, from the 1,437 / 360 digits)",
+    "mnist": "MNIST (IDX files)",
+}
+
+
+def load_data(dataset: str, directory: str | None) -> tuple[torch.Tensor, ...]:
+    """``dataset``'s training and validation inputs and labels; IDX-file sets are read from ``directory``."""
+    return load_digits_784() if dataset == "digits" else load_mnist(Path(directory))
 
 
 # ------------------------------------------------------------------------------------------------------ one run
@@ -109,12 +195,14 @@ def run_one(config: dict) -> None:
     import lightning_adag
 
     torch.set_num_threads(1)  # oversubscribed: one core's worth of threads per worker, as in the paper
-    _, (x_train, y_train, x_val, y_val) = load_data(config["mnist_dir"])
+    L.seed_everything(config["seed"], verbose=False)  # also seeds the DistributedSampler's shuffling
+    x_train, y_train, x_val, y_val = load_data(config["dataset"], config["data_dir"])
+    x_probe, y_probe = x_val[: config["probe_samples"]], y_val[: config["probe_samples"]]
 
     class MLP(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            torch.manual_seed(config["seed"])  # identical initialization for every configuration
+            torch.manual_seed(config["seed"])  # identical initialization for every configuration with this seed
             sizes = [x_train.shape[1], *config["hidden"]]
             layers = [m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
             self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], 10))
@@ -124,23 +212,27 @@ def run_one(config: dict) -> None:
 
         def training_step(self, batch, batch_idx):
             x, y = batch
-            return F.cross_entropy(self(x), y)
+            return F.cross_entropy(self(as_inputs(x)), y)
 
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=config["lr"])
 
     def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         with torch.no_grad():
-            return float((model(x).argmax(1) == y).float().mean())
+            chunks = zip(x.split(10_000), y.split(10_000))
+            return sum(int((model(as_inputs(xs)).argmax(1) == ys).sum()) for xs, ys in chunks) / len(x)
 
     class CenterProbe(Callback):
-        """Rank 0 evaluates the center every ``probe_seconds``; the other workers keep training meanwhile."""
+        """Rank 0 evaluates the center on the first ``probe_samples`` validation images every ``probe_seconds``;
+        the other workers keep training meanwhile. The curve starts with the initial model at time 0."""
 
         def __init__(self) -> None:
             self.curve: list[tuple[float, float]] = []
             self.start = self.last = 0.0
 
         def on_train_start(self, trainer, pl_module):
+            if trainer.global_rank == 0:
+                self.curve.append((0.0, accuracy(pl_module, x_probe, y_probe)))
             self.start = self.last = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -149,7 +241,7 @@ def run_one(config: dict) -> None:
                 worker = getattr(trainer.strategy, "worker", None)  # None under DDP: every replica is the model
                 if worker is not None:
                     worker.show_center()
-                self.curve.append((now - self.start, accuracy(pl_module, x_val, y_val)))
+                self.curve.append((now - self.start, accuracy(pl_module, x_probe, y_probe)))
                 if worker is not None:
                     worker.resume_window()
                 self.last = time.perf_counter()
@@ -181,58 +273,77 @@ def run_one(config: dict) -> None:
             "seconds": elapsed,
             "val_acc": val,
             "train_acc": accuracy(model, x_train, y_train),
-            "curve": [*probe.curve, (elapsed, val)],
+            "curve": [*probe.curve, (elapsed, accuracy(model, x_probe, y_probe))],
             "steps_per_worker": trainer.global_step,
         }
         Path(config["result"]).write_text(json.dumps(result))
 
 
+# ------------------------------------------------------------------------------------------------------ measures
+def area_until(curve: list[tuple[float, float]], end: float) -> float:
+    """Area under the piecewise-linear accuracy-over-time ``curve`` from its first point to ``end``."""
+    t, acc = np.asarray(curve, dtype=float).T
+    inside = t < end
+    t, acc = np.append(t[inside], end), np.append(acc[inside], np.interp(end, t, acc))
+    return float(np.sum((acc[1:] + acc[:-1]) / 2 * np.diff(t)))
+
+
+def temporal_efficiency(curve: list[tuple[float, float]], reference: list[tuple[float, float]]) -> float:
+    """The paper's temporal efficiency of a run against a reference run: the ratio of the areas under their
+    accuracy-over-time curves up to the shorter run's end. Above 1, the run was more accurate sooner."""
+    end = min(curve[-1][0], reference[-1][0])
+    return area_until(curve, end) / area_until(reference, end)
+
+
 # ------------------------------------------------------------------------------------------------------ driver
-def configurations(args: argparse.Namespace) -> list[dict]:
+def configurations(args: argparse.Namespace, dataset: str, data_dir: str | None) -> list[dict]:
+    """Every run, seed by seed, so that an interrupted sweep has whole grids for its first seeds."""
     runs = []
-    for n in args.workers:
-        for key in args.algorithms:
-            label, algorithm, rule = ALGORITHMS[key]
-            windows = args.windows if rule == "grid" else [rule]
-            for window in windows:
-                name = f"{key}-n{n}" + (f"-w{window}" if window is not None else "")
-                runs.append(
-                    {
-                        "name": name,
-                        "label": label,
-                        "algorithm": algorithm,
-                        "window": window,
-                        "workers": n,
-                        "epochs": args.epochs,
-                        "batch_size": args.batch_size,
-                        "lr": args.lr,
-                        "hidden": args.hidden,
-                        "seed": args.seed,
-                        "probe_seconds": args.probe_seconds,
-                        "mnist_dir": args.mnist_dir,
-                        "result": str(Path(args.out, "runs", f"{name}.json")),
-                    }
-                )
+    for seed in args.seeds:
+        for n in args.workers:
+            for key in args.algorithms:
+                label, algorithm, rule = ALGORITHMS[key]
+                windows = args.windows if rule == "grid" else [rule]
+                for window in windows:
+                    name = f"{key}-n{n}" + (f"-w{window}" if window is not None else "") + f"-s{seed}"
+                    runs.append(
+                        {
+                            "name": name,
+                            "key": key,
+                            "label": label,
+                            "algorithm": algorithm,
+                            "window": window,
+                            "workers": n,
+                            "seed": seed,
+                            "epochs": args.epochs,
+                            "batch_size": args.batch_size,
+                            "lr": args.lr,
+                            "hidden": args.hidden,
+                            "probe_seconds": args.probe_seconds,
+                            "probe_samples": args.probe_samples,
+                            "dataset": dataset,
+                            "data_dir": data_dir,
+                            "result": str(Path(args.out, "runs", f"{name}.json")),
+                        }
+                    )
     return runs
 
 
 def launch(config: dict, timeout: float) -> dict:
-    """Run one configuration in its own process tree, sampling the tree's resident memory once a second."""
+    """Run one configuration in its own process tree, sampling the machine's used memory once a second (the
+    tree's summed RSS would count the pages the workers share several times)."""
     import psutil
 
     spec = Path(config["result"]).with_suffix(".config.json")
     spec.write_text(json.dumps(config))
     log = open(Path(config["result"]).with_suffix(".log"), "w")
+    before = psutil.virtual_memory().used
     proc = subprocess.Popen([sys.executable, __file__, "--run", str(spec)], stdout=log, stderr=subprocess.STDOUT)
-    peak = [0]
+    peak = [before]
 
     def sample() -> None:
         while proc.poll() is None:
-            try:
-                tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree))
-            except psutil.Error:
-                pass
+            peak[0] = max(peak[0], psutil.virtual_memory().used)
             time.sleep(1.0)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -246,30 +357,73 @@ def launch(config: dict, timeout: float) -> dict:
     log.close()
     result_path = Path(config["result"])
     if code != 0 or not result_path.exists():
-        return {**config, "error": f"exit {code}, see {result_path.with_suffix('.log')}"}
-    return {**json.loads(result_path.read_text()), "peak_rss_gib": peak[0] / 2**30}
+        result = {**config, "error": f"exit {code}, see {result_path.with_suffix('.log')}"}
+    else:
+        result = {**json.loads(result_path.read_text()), "memory_gib": (peak[0] - before) / 2**30}
+    result_path.write_text(json.dumps(result))
+    return result
+
+
+def collect(out: Path) -> list[dict]:
+    """Every run recorded under ``out`` (this invocation's and earlier ones'), in table order."""
+    results = [json.loads(p.read_text()) for p in Path(out, "runs").glob("*.json") if ".config." not in p.name]
+    order = list(ALGORITHMS)
+    return sorted(results, key=lambda r: (r["workers"], order.index(r["key"]), r["window"] or 0, r["seed"]))
+
+
+def efficiency_against(results: list[dict], run: dict, key: str, same_window: bool) -> float | None:
+    """``run``'s temporal efficiency against the run of algorithm ``key`` with its n and seed (and λ)."""
+    for other in results:
+        if (
+            other["key"] == key
+            and "error" not in other
+            and other["workers"] == run["workers"]
+            and other["seed"] == run["seed"]
+            and (not same_window or other["window"] == run["window"])
+        ):
+            return temporal_efficiency(run["curve"], other["curve"])
+    return None
 
 
 def table(results: list[dict], dataset: str) -> str:
+    """One row per (n, algorithm, λ): medians over seeds, with the range of the final accuracy."""
     lines = [
-        f"Dataset: {dataset}. Center variable's final accuracy; time = training wall-clock (after start-up).",
+        f"Dataset: {DATASETS[dataset]}. Center variable's final accuracy (median over seeds, [min, max]); time ="
+        " training wall-clock after start-up; TE = temporal efficiency (median over seeds; > 1: more accurate"
+        " sooner); memory = the machine's peak used memory above its idle level.",
         "",
-        "| n | algorithm | λ | val acc | train acc | time (s) | steps/worker | peak RSS (GiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| n | algorithm | λ | seeds | val acc | train acc | time (s) | steps/worker | TE vs AEASGD | TE vs DDP"
+        " | memory (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    groups: dict[tuple, list[dict]] = {}
     for r in results:
-        window = "–" if r["window"] is None else r["window"]
-        if "error" in r:
-            lines.append(f"| {r['workers']} | {r['label']} | {window} | failed: {r['error']} | | | | |")
-            continue
+        groups.setdefault((r["workers"], r["key"], r["window"]), []).append(r)
+    fmt = lambda values, f: "–" if not values else f(float(np.median(values)))  # noqa: E731
+    for (n, key, window), runs in groups.items():
+        done = [r for r in runs if "error" not in r]
+        failed = [r["error"] for r in runs if "error" in r]
+        val = [r["val_acc"] for r in done]
+        te_aeasgd = [efficiency_against(results, r, "aeasgd", True) for r in done] if key != "aeasgd" else []
+        te_ddp = [efficiency_against(results, r, "ddp", False) for r in done] if key != "ddp" else []
+        te_aeasgd, te_ddp = [e for e in te_aeasgd if e is not None], [e for e in te_ddp if e is not None]
+        val_text = fmt(val, lambda v: f"{100 * v:.2f} %")
+        if len(val) > 1:
+            val_text += f" [{100 * min(val):.2f}, {100 * max(val):.2f}]"
         lines.append(
-            f"| {r['workers']} | {r['label']} | {window} | {100 * r['val_acc']:.2f} % | {100 * r['train_acc']:.2f} %"
-            f" | {r['seconds']:.1f} | {r['steps_per_worker']} | {r['peak_rss_gib']:.1f} |"
+            f"| {n} | {runs[0]['label']} | {'–' if window is None else window} | {len(done)}"
+            + (f" ({len(failed)} failed: {'; '.join(failed)})" if failed else "")
+            + f" | {val_text} | {fmt([r['train_acc'] for r in done], lambda v: f'{100 * v:.2f} %')}"
+            f" | {fmt([r['seconds'] for r in done], lambda v: f'{v:.0f}')}"
+            f" | {fmt([r['steps_per_worker'] for r in done], lambda v: f'{v:.0f}')}"
+            f" | {fmt(te_aeasgd, lambda v: f'{v:.3f}')} | {fmt(te_ddp, lambda v: f'{v:.3f}')}"
+            f" | {fmt([r['memory_gib'] for r in done], lambda v: f'{v:.1f}')} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """Center accuracy over time, one panel per n, one colour per (algorithm, λ), one line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,11 +432,17 @@ def plot(results: list[dict], path: Path) -> None:
     sizes = sorted({r["workers"] for r in results})
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False, sharey=True)
     for ax, n in zip(axes[0], sizes):
+        colours: dict[tuple, str] = {}
         for r in results:
-            if r["workers"] == n and "error" not in r:
-                t, acc = zip(*r["curve"])
-                window = "" if r["window"] is None or "λ" in r["label"] else f" λ={r['window']}"
-                ax.plot(t, acc, marker=".", label=f"{r['label']}{window}")
+            if r["workers"] != n or "error" in r:
+                continue
+            series = (r["key"], r["window"])
+            first = series not in colours
+            colours.setdefault(series, f"C{len(colours) % 10}")
+            t, acc = zip(*r["curve"])
+            window = "" if r["window"] is None or "λ" in r["label"] else f" λ={r['window']}"
+            label = f"{r['label']}{window}" if first else None
+            ax.plot(t, acc, color=colours[series], alpha=1.0 if first else 0.4, label=label)
         ax.set(title=f"n = {n} workers", xlabel="training wall-clock (s)", ylim=(0, 1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -300,9 +460,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3, help="the workers' Adam learning rate")
     parser.add_argument("--hidden", type=int, nargs="+", default=[1000, 2000, 1000])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="a run per seed (initialization, shuffle)")
     parser.add_argument("--probe-seconds", type=float, default=2.0, help="center evaluation interval (rank 0)")
-    parser.add_argument("--mnist-dir", help="directory with the four MNIST IDX files; default: offline digits")
+    parser.add_argument("--probe-samples", type=int, default=1000, help="validation images each probe evaluates")
+    parser.add_argument("--dataset", choices=["digits", "augmented"], default="digits", help="the offline data")
+    parser.add_argument("--data-dir", default="benchmarks/data", help="where --dataset augmented is generated")
+    parser.add_argument("--mnist-dir", help="directory with the four MNIST IDX files (overrides --dataset)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per configuration")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: one configuration, in its own processes
@@ -311,18 +474,27 @@ def main() -> None:
         run_one(json.loads(Path(args.run).read_text()))
         return
 
-    dataset, _ = load_data(args.mnist_dir)
+    if args.mnist_dir:
+        dataset, data_dir = "mnist", args.mnist_dir
+    elif args.dataset == "augmented":
+        dataset, data_dir = "augmented", str(augmented_digits(Path(args.data_dir)))
+    else:
+        dataset, data_dir = "digits", None
     Path(args.out, "runs").mkdir(parents=True, exist_ok=True)
-    results = []
-    for config in configurations(args):
+    for config in configurations(args, dataset, data_dir):
+        done = Path(config["result"])
+        if done.exists() and "error" not in json.loads(done.read_text()):
+            print(f"{config['name']}: already in {args.out}, not re-run", flush=True)
+            continue
         started = time.perf_counter()
-        results.append(launch(config, args.timeout))
-        status = results[-1].get("error") or f"val acc {results[-1]['val_acc']:.4f}"
+        result = launch(config, args.timeout)
+        status = result.get("error") or f"val acc {result['val_acc']:.4f}"
         print(f"{config['name']}: {status} ({time.perf_counter() - started:.0f} s with start-up)", flush=True)
+        results = collect(Path(args.out))
         Path(args.out, "results.json").write_text(json.dumps(results, indent=1))
         Path(args.out, "table.md").write_text(table(results, dataset))
         plot(results, Path(args.out, "accuracy_vs_time.png"))
-    print(table(results, dataset))
+    print(table(collect(Path(args.out)), dataset))
 
 
 if __name__ == "__main__":
