@@ -2,7 +2,8 @@
 
     pip install -e ".[benchmarks]"
     python benchmarks/convergence.py --workers 4 8 16 --windows 10 20 --epochs 40 --out benchmarks/results
-    python benchmarks/convergence.py --dataset augmented --workers 8 32 --windows 10 --epochs 12 --seeds 0 1 2
+    python benchmarks/convergence.py --dataset augmented --workers 32 --windows 32 --epochs 12 --seeds 0 1 2 \
+        --out benchmarks/results-augmented
 
 Every configuration trains the paper's MLP (784-1000-2000-1000-10, ReLU) with Adam workers (lr 0.001, batch 128)
 from the same initialization on a fixed data budget (``--epochs`` passes over the training set in total, split
