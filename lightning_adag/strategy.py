@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 from datetime import timedelta
 from typing import Any, Literal
@@ -298,6 +299,8 @@ class ADAGStrategy(ParallelStrategy):
             self._process_group_backend = _get_default_process_group_backend_for_device(self.root_device)
         assert self.cluster_environment is not None
         _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout)
+        atexit.unregister(_destroy_process_group)  # once per process, however many times the Trainer sets up
+        atexit.register(_destroy_process_group)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -418,3 +421,11 @@ class _CheckingSubprocessLauncher(_ChecksModelBeforeLaunch, _SubprocessScriptLau
 
 class _CheckingMultiProcessingLauncher(_ChecksModelBeforeLaunch, _MultiProcessingLauncher):
     pass
+
+
+def _destroy_process_group() -> None:
+    """Destroy the control-plane process group while the interpreter is still whole. A process that exits with a
+    gloo group alive can abort in its C++ destructors during interpreter finalization ("terminate called without an
+    active exception", SIGABRT; pytorch/pytorch#190489), failing a run that finished."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
