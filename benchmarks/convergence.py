@@ -405,9 +405,11 @@ def table(results: list[dict], dataset: str) -> str:
         done = [r for r in runs if "error" not in r]
         failed = [r["error"] for r in runs if "error" in r]
         val = [r["val_acc"] for r in done]
-        te_aeasgd = [efficiency_against(results, r, "aeasgd", True) for r in done] if key != "aeasgd" else []
-        te_ddp = [efficiency_against(results, r, "ddp", False) for r in done] if key != "ddp" else []
-        te_aeasgd, te_ddp = [e for e in te_aeasgd if e is not None], [e for e in te_ddp if e is not None]
+        def efficiencies(reference: str, same_window: bool) -> list[float]:
+            found = [] if key == reference else (efficiency_against(results, r, reference, same_window) for r in done)
+            return [e for e in found if e is not None]
+
+        te_aeasgd, te_ddp = efficiencies("aeasgd", True), efficiencies("ddp", False)
         val_text = fmt(val, lambda v: f"{100 * v:.2f} %")
         if len(val) > 1:
             val_text += f" [{100 * min(val):.2f}, {100 * max(val):.2f}]"

@@ -307,7 +307,7 @@ def section_scaling(args, results) -> None:
         counts = []
         for _ in range(args.repeats):
             host = "127.0.0.1" if transport == "tcp" else None
-            server = ServerProcess.start("bench", host, 0, "WARNING", *options)
+            server = ServerProcess.start("bench", host, options=options)
             try:
                 address = server.wait_ready()
                 start_at = time.time() + 20 + 5 * clients  # every client imported and connected by then

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_adag import auth
@@ -35,7 +36,12 @@ class ServerProcess:
 
     @classmethod
     def start(
-        cls, key: str, host: str | None = None, port: int = 0, log_level: str = "WARNING", *options: str
+        cls,
+        key: str,
+        host: str | None = None,
+        port: int = 0,
+        log_level: str = "WARNING",
+        options: Sequence[str] = (),
     ) -> ServerProcess:
         """Start the process: on a Unix socket of this machine (shared memory) when ``host`` is None, else on TCP
         ``host:port`` (0 picks a free port). It imports and binds in the background until :meth:`wait_ready`.

@@ -7,7 +7,8 @@ server's per-connection channel.
 
 from __future__ import annotations
 
-from lightning_adag.flat import Layout
+from typing import Any
+
 from lightning_adag.transports.client import Client
 from lightning_adag.transports.shm import ShmClient
 from lightning_adag.transports.tcp import TcpClient
@@ -15,15 +16,7 @@ from lightning_adag.transports.tcp import TcpClient
 CLIENTS: dict[str, type[Client]] = {"shm": ShmClient, "tcp": TcpClient}
 
 
-def connect(
-    transport: str,
-    address: str,
-    rank: int,
-    layout: Layout,
-    algorithm_spec: dict,
-    key: bytes,
-    timeout: float,
-    pin_memory: bool = False,
-) -> Client:
-    """A connected client of ``transport`` (see :class:`~lightning_adag.transports.client.Client`)."""
-    return CLIENTS[transport](address, rank, layout, algorithm_spec, key, timeout, pin_memory)
+def connect(transport: str, *args: Any, **kwargs: Any) -> Client:
+    """A connected client of ``transport``; the other arguments are :class:`~lightning_adag.transports.client.Client`'s
+    (address, rank, layout, algorithm_spec, key, timeout, pin_memory)."""
+    return CLIENTS[transport](*args, **kwargs)
