@@ -18,7 +18,8 @@ class Client:
 
     ``mailbox`` is the flat vector exchanged with the server: write the outgoing vector into it before
     :meth:`initialize` or :meth:`commit`; after :meth:`initialize`, :meth:`commit` or :meth:`pull` returns, it holds
-    the center at the clock the receipt names. Subclasses say where the mailbox lives and how its bytes travel.
+    the center at the clock the receipt names; before any of them, zeros. Subclasses say where the mailbox lives
+    and how its bytes travel.
     """
 
     mailbox: Tensor

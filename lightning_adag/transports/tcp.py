@@ -41,7 +41,7 @@ class TcpClient(Client):
         return sock
 
     def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
-        return torch.empty(layout.numel, dtype=layout.dtype, pin_memory=self._pin_memory)
+        return torch.zeros(layout.numel, dtype=layout.dtype, pin_memory=self._pin_memory)
 
     def _send(self, kind: wire.Kind, a: int, b: int, vector: Tensor | None, dtype: torch.dtype | None) -> None:
         if vector is None:
