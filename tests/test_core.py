@@ -174,3 +174,36 @@ def test_only_elementwise_stateless_rules_are_sharded(spec, elementwise):
     core = ServerCore(shard_bytes=8)
     core.configure(Layout(6, 4, torch.float64, "d"), spec)
     assert len(core._spans) == (6 if elementwise else 1)
+
+
+@given(
+    st.integers(0, 5),
+    st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+    st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
+    st.booleans(),
+)
+def test_a_commit_holding_nan_or_infinity_is_refused_whole(position, poison, dtype, separate_values):
+    """Anywhere in the delta or in the values that travel with it, in any wire dtype: nothing is applied, no clock
+    is taken, and the next finite commit goes through."""
+    core = make_core(initial=torch.arange(6, dtype=torch.float64), clock=2)
+    delta = torch.full((6,), 0.5, dtype=dtype)
+    delta[position] = poison
+    delta, values = (delta[:4], delta[4:]) if separate_values else (delta, None)
+    with pytest.raises(ValueError, match=r"holds 1 NaN or infinite value\(s\).*center is unchanged.*diverged"):
+        core.commit(1, delta, 2, values=values)
+    assert core.clock == 2 and core.stats()["workers"] == {}
+    assert torch.equal(core.center, torch.arange(6, dtype=torch.float64))
+    assert core.commit(1, torch.zeros(6, dtype=torch.float64), 2).clock == 3
+
+
+def test_a_non_finite_initial_center_is_refused_but_a_late_offer_is_ignored():
+    core = ServerCore()
+    core.configure(Layout(6, 4, torch.float64, "d"), ADAG)
+    poisoned = torch.zeros(6, dtype=torch.float64)
+    poisoned[5] = float("nan")
+    with pytest.raises(ValueError, match="initial center holds 1 NaN.*initialization"):
+        core.initialize(poisoned, 0)
+    assert not core.initialized
+    core.initialize(torch.ones(6, dtype=torch.float64), 0)
+    assert core.initialize(poisoned, 0).clock == 0  # a late worker's parameters are not used, whatever they hold
+    assert torch.equal(core.center, torch.ones(6, dtype=torch.float64))

@@ -260,6 +260,17 @@ def test_a_stalled_client_does_not_block_other_commits(server):
         stalled.close()
 
 
+def test_a_diverged_worker_is_refused_and_the_center_stays_finite(server):
+    before = server.center()
+    client = server.connect(rank=4)
+    client.mailbox.fill_(0.25)
+    client.mailbox[3] = float("nan")
+    with pytest.raises(wire.ServerRefusedError, match="worker 4's commit holds 1 NaN.*diverged"):
+        client.commit(before[1], 1)
+    client.close()
+    assert_unchanged(before, server.center())
+
+
 def test_a_client_killed_mid_commit_changes_nothing(server):
     # A child process connects, sends most of a COMMIT (header and, over TCP, half the vector), and is killed.
     code = f"""

@@ -130,6 +130,12 @@ def test_an_exception_on_rank_zero_leaves_nothing_behind(script):
     assert "injected failure on rank 0" in script.output()
 
 
+def test_a_diverged_worker_stops_with_a_clear_error_instead_of_poisoning_the_center(script):
+    code = script.run("train.py", "--epochs", "2", "--diverge-at-batch", "5", "--fail-rank", "1", "--no-val")
+    assert code != 0
+    assert "worker 1's commit holds" in script.output() and "diverged" in script.output(), script.output()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_to_the_launching_process_stops_everything(script, signum):
     script.start("train.py", "--epochs", "50", "--hang-at-batch", "10")

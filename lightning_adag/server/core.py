@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +53,27 @@ class WorkerRecord:
 #: Bytes per shard of the center: large enough that handing a lock over costs nothing next to the arithmetic,
 #: small enough that a 20 MB model splits into a few stages that different commits can occupy at once.
 SHARD_BYTES = 4 * 2**20
+
+
+#: What a refused commit's error suggests.
+DIVERGED = (
+    "The worker's parameters have diverged: lower the learning rate, clip gradients (Trainer(gradient_clip_val=...))"
+    " or look for the step whose loss became NaN."
+)
+
+
+def require_finite(tensor: Tensor, what: str, advice: str) -> None:
+    """Raise a ``ValueError`` that says how many elements of ``tensor`` are NaN or infinite, if any are.
+
+    ``aminmax`` reads the tensor once without allocating its size (``isfinite`` would, and costs 20x more): NaN
+    propagates to both ends and an infinity is one of them. Only a refusal pays for the count.
+    """
+    if not tensor.numel() or all(math.isfinite(end.item()) for end in torch.aminmax(tensor)):
+        return
+    bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+    raise ValueError(
+        f"{what} holds {bad} NaN or infinite value(s) of {tensor.numel()}; the center is unchanged. {advice}"
+    )
 
 
 class ServerCore:
@@ -115,6 +137,7 @@ class ServerCore:
         with self._quiesced():
             self._require_layout()
             if not self.initialized:
+                require_finite(values, "the initial center", "Check the model's initialization (or the checkpoint).")
                 self.center.copy_(values)
                 self.clock = clock
                 self.initialized = True
@@ -129,7 +152,13 @@ class ServerCore:
         ``delta``'s trainable region goes through the algorithm's rule, accumulated in the center's dtype whatever
         dtype the delta came in; ``values`` (by default, the rest of ``delta``: frozen parameters and floating-point
         buffers) replace the center's, so running statistics travel from worker to worker.
+
+        A commit holding NaN or an infinity is refused whole (``ValueError``) before it takes a clock: one diverged
+        worker must not poison the center every other worker pulls. The check runs outside the locks.
         """
+        require_finite(delta, f"worker {worker}'s commit", DIVERGED)
+        if values is not None:
+            require_finite(values, f"worker {worker}'s commit (its buffers)", DIVERGED)
         with self._entry:
             self._require_initialized()
             if not 0 <= pulled_clock <= self.clock:

@@ -51,7 +51,10 @@ class Classifier(L.LightningModule):
             while not self.trainer.received_sigterm:  # a long step, until the test sends a signal
                 time.sleep(0.05)
         x, y = batch
-        return F.cross_entropy(self(x), y)
+        loss = F.cross_entropy(self(x), y)
+        if batch_idx == self.args.diverge_at_batch and self.global_rank == self.args.fail_rank:
+            loss = loss * float("nan")  # every parameter this step updates becomes NaN
+        return loss
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -130,6 +133,7 @@ def main() -> None:
     p.add_argument("--slow-sleep", type=float, default=0.0)
     p.add_argument("--fail-at-batch", type=int)
     p.add_argument("--fail-rank", type=int)
+    p.add_argument("--diverge-at-batch", type=int, help="make the loss of --fail-rank NaN at this batch")
     p.add_argument("--hang-at-batch", type=int)
     p.add_argument("--batchnorm", action="store_true")
     p.add_argument("--early-stop", action="store_true")
