@@ -207,3 +207,12 @@ def test_a_non_finite_initial_center_is_refused_but_a_late_offer_is_ignored():
     core.initialize(torch.ones(6, dtype=torch.float64), 0)
     assert core.initialize(poisoned, 0).clock == 0  # a late worker's parameters are not used, whatever they hold
     assert torch.equal(core.center, torch.ones(6, dtype=torch.float64))
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    """The check's fast path sums the delta; a float16 delta can sum past 65504 with every value in range."""
+    core = make_core()
+    delta = torch.full((6,), 60000.0, dtype=torch.float16)
+    assert not torch.isfinite(delta.sum())
+    assert core.commit(0, delta, 0).clock == 1
+    assert torch.equal(core.center, torch.full((6,), 60000.0, dtype=torch.float64))
