@@ -28,6 +28,7 @@ class ADAGCallback(Callback):
         self.commits = 0
         self.restored_clock = 0
         self.restored_server_state: dict[str, Any] = {}
+        self.restored_center: dict[str, Any] | None = None
         self._strategy = None
         self._steps_in_window = 0
         self._last_global_step = 0
@@ -81,15 +82,24 @@ class ADAGCallback(Callback):
         trainer.strategy.barrier("adag_final_pull")
 
     def state_dict(self) -> dict[str, Any]:
-        """The clock of the center that the strategy put in the same checkpoint, and the algorithm's server-side
-        state (for example an outer optimizer's momentum) at that clock."""
+        """The clock of the center that the strategy put in the same checkpoint, the algorithm's server-side state
+        (for example an outer optimizer's momentum) at that clock, and, when the model's weights hold the center
+        rounded (``precision="bf16-true"``), the center itself with the layout it belongs to (``exact_center``)."""
         if self._strategy is None:
-            return {"clock": self.restored_clock, "server_state": self.restored_server_state}
-        return {"clock": self._strategy.checkpoint_clock, "server_state": self._strategy.checkpoint_server_state}
+            clock, server_state, center = self.restored_clock, self.restored_server_state, self.restored_center
+        else:
+            strategy = self._strategy
+            clock, server_state = strategy.checkpoint_clock, strategy.checkpoint_server_state
+            center = strategy.checkpoint_center
+        state = {"clock": clock, "server_state": server_state}
+        if center is not None:
+            state["exact_center"] = center
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.restored_clock = int(state_dict.get("clock", 0))
         self.restored_server_state = dict(state_dict.get("server_state", {}))
+        self.restored_center = state_dict.get("exact_center")
 
     def _commit(self, trainer: pl.Trainer) -> None:
         start = time.perf_counter()

@@ -36,7 +36,7 @@ from typing_extensions import override
 from lightning_adag import auth
 from lightning_adag.algorithms import ALGORITHMS, Algorithm, resolve_algorithm, suggested_window
 from lightning_adag.callback import ADAGCallback
-from lightning_adag.flat import FlatState, check_shareable
+from lightning_adag.flat import FlatState, Layout, check_shareable
 from lightning_adag.lockstep import check_asynchrony, disable_lockstep
 from lightning_adag.payload import COMPRESSIONS
 from lightning_adag.server.launch import ServerProcess
@@ -149,6 +149,7 @@ class ADAGStrategy(ParallelStrategy):
         self.worker: Worker | None = None
         self.checkpoint_clock = 0
         self.checkpoint_server_state: dict[str, Tensor] = {}
+        self.checkpoint_center: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------------------------------------- topology
     @property
@@ -234,8 +235,9 @@ class ADAGStrategy(ParallelStrategy):
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The center variable (not this worker's parameters), as a state dict; its clock and the algorithm's
-        server-side state at that same clock go to ``checkpoint_clock`` and ``checkpoint_server_state``, so the
-        callback saves them in the same checkpoint."""
+        server-side state at that same clock go to ``checkpoint_clock`` and ``checkpoint_server_state``, and the
+        center itself to ``checkpoint_center`` when the model holds it rounded, so the callback saves them in the
+        same checkpoint."""
         if self.worker is None:
             return super().lightning_module_state_dict()
         showing = self.worker.shown_clock is not None
@@ -245,6 +247,9 @@ class ADAGStrategy(ParallelStrategy):
             clock = self.worker.show_center()
             state_clock, server_state = self.worker.server_state()
         self.checkpoint_clock, self.checkpoint_server_state = clock, server_state
+        exact = self.worker.exact_center
+        layout = self.worker.flat.layout
+        self.checkpoint_center = None if exact is None else {"layout": layout.to_json(), "values": exact}
         state = {name: value.clone() for name, value in super().lightning_module_state_dict().items()}
         if not showing:
             self.worker.resume_window()
@@ -392,16 +397,31 @@ class ADAGStrategy(ParallelStrategy):
     def _start_from_one_center(self, trainer: pl.Trainer, worker: Worker) -> None:
         if self.is_global_zero:
             callback = self._callback(trainer)
-            receipt = worker.offer_initial_center(callback.restored_clock, callback.restored_server_state)
+            center = _restored_center(callback.restored_center, worker.flat.layout)
+            receipt = worker.offer_initial_center(callback.restored_clock, callback.restored_server_state, center)
             if trainer.ckpt_path is not None and receipt.clock != callback.restored_clock:
                 rank_zero_warn(
                     f"the server already holds a center (clock {receipt.clock}), so it replaces the weights restored"
                     f" from {trainer.ckpt_path} (clock {callback.restored_clock}); the optimizer state is restored"
                 )
-            callback.restored_clock, callback.restored_server_state = 0, {}  # consumed: a later fit starts anew
+            # consumed: a later fit starts anew
+            callback.restored_clock, callback.restored_server_state, callback.restored_center = 0, {}, None
         self.barrier("adag_center_initialized")
         self.checkpoint_clock = worker.reset_to_center().clock
         self.barrier("adag_center_pulled")
+
+
+def _restored_center(saved: dict[str, Any] | None, layout: Layout) -> Tensor | None:
+    """The exact center a checkpoint holds next to the model's rounded weights, if it was saved for this layout."""
+    if saved is None:
+        return None
+    if Layout.from_json(saved["layout"]) != layout:
+        rank_zero_warn(
+            "the checkpoint's full-precision center belongs to another model layout (different parameters, frozen"
+            " set or precision); the server starts from the checkpoint's model weights instead, as saved"
+        )
+        return None
+    return saved["values"]
 
 
 class _ChecksModelBeforeLaunch:

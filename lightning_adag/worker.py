@@ -45,6 +45,10 @@ class Worker:
 
     Every exchange's receipt, once it has completed, is appended to :attr:`completed` (the callback drains it for
     its metrics).
+
+    When the center's dtype is wider than the model's (``precision="bf16-true"``: a float32 center), the model can
+    only show the center rounded; :meth:`show_center` then also keeps it exactly, on the CPU, in
+    :attr:`exact_center`, so that a checkpoint resumes from the center itself.
     """
 
     def __init__(
@@ -73,17 +77,21 @@ class Worker:
         self._values0 = flat.vector[flat.trainable :].clone() if overlap else None  # the values last sent
         self._in_flight: Future | None = None
         self.completed: list[Receipt] = []
+        self.exact_center: Tensor | None = None
 
-    def offer_initial_center(self, clock: int, server_state: dict[str, Tensor] | None = None) -> Receipt:
-        """Propose this worker's parameters as the center at ``clock``, with the algorithm's server-side state
-        (both from a checkpoint, when resuming); the server keeps them only if it holds no center yet."""
+    def offer_initial_center(
+        self, clock: int, server_state: dict[str, Tensor] | None = None, center: Tensor | None = None
+    ) -> Receipt:
+        """Propose this worker's parameters (or ``center``: a checkpoint's :attr:`exact_center`) as the center at
+        ``clock``, with the algorithm's server-side state (all from a checkpoint, when resuming); the server keeps
+        them only if it holds no center yet."""
         client = self._link()
         region = client.mailbox[: self.flat.trainable]
         for index, name in enumerate(self.algorithm.state_names):
             if server_state and name in server_state:
                 region.copy_(server_state[name])
                 client.put_state(index)
-        client.mailbox.copy_(self.flat.vector)
+        client.mailbox.copy_(self.flat.vector if center is None else center)
         return client.initialize(clock)
 
     def server_state(self) -> tuple[int | None, dict[str, Tensor]]:
@@ -198,7 +206,10 @@ class Worker:
                 self._stash = self.flat.vector.clone()
             else:
                 self._stash.copy_(self.flat.vector)
-        self.flat.vector.copy_(self._staging.center_ready())
+        center = self._staging.center_ready()
+        self.flat.vector.copy_(center)
+        if center.dtype != self.flat.vector.dtype:
+            self.exact_center = center.to("cpu", copy=True)
         self._staging.center_consumed()
         self.shown_clock = receipt.clock
         return receipt.clock

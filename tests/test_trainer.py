@@ -117,6 +117,27 @@ def test_checkpoint_holds_the_center_the_clock_and_server_state_and_resume_resto
     assert resumed[0]["validate"]["val_acc"] >= first[0]["validate"]["val_acc"] - 0.05
 
 
+def test_a_bf16_true_checkpoint_resumes_from_the_float32_center_not_its_rounding(script):
+    bf16 = ("--precision", "bf16-true", "--window", "2", "--no-val")
+    assert_ok(script, script.run("train.py", "--epochs", "1", "--checkpoint", *bf16))
+    checkpoint = torch.load(script.out / "ckpt" / "last.ckpt", weights_only=False)
+    state = checkpoint["callbacks"]["ADAGCallback"]
+    exact, clock = state["exact_center"]["values"], state["clock"]
+    assert exact.dtype == torch.float32 and clock > 0
+    weights = torch.cat([w.reshape(-1) for w in checkpoint["state_dict"].values()])
+    assert weights.dtype == torch.bfloat16 and torch.equal(weights, exact.bfloat16())  # the model holds it rounded
+    assert not torch.equal(exact, exact.bfloat16().float()), "a center that bf16 holds exactly proves nothing"
+
+    for result in script.out.glob("rank*.json"):
+        result.unlink()
+    assert_ok(script, script.run("train.py", "--epochs", "2", "--resume", str(script.out / "ckpt" / "last.ckpt"), *bf16))
+    at_restore = [r["start_center"] for r in script.results().values() if r["start_center"]["clock"] == clock]
+    assert at_restore, "every worker pulled only after a commit"
+    trainable = exact[: len(at_restore[0]["values"])]
+    for center in at_restore:
+        assert torch.equal(torch.tensor(center["values"], dtype=torch.float32), trainable)
+
+
 def test_an_exception_in_training_step_leaves_nothing_behind(script):
     code = script.run("train.py", "--epochs", "2", "--fail-at-batch", "5", "--fail-rank", "1")
     assert code != 0

@@ -53,11 +53,14 @@ def step(model, optimizer, batch):
     optimizer.step()
 
 
+def connect_to(server, flat, algorithm, rank=0):
+    return connect("shm", server.address, rank, flat.layout, algorithm.spec(), b"k", timeout=30)
+
+
 def join(server, model, window, rank=0, algorithm=None, wrap=lambda client: client, **options):
     flat = FlatState(model)
     algorithm = algorithm or ADAG(window)
-    client = connect("shm", server.address, rank, flat.layout, algorithm.spec(), b"k", timeout=30)
-    worker = Worker(flat, wrap(client), algorithm, **options)
+    worker = Worker(flat, wrap(connect_to(server, flat, algorithm, rank)), algorithm, **options)
     worker.offer_initial_center(0)
     worker.reset_to_center()
     return worker
@@ -135,8 +138,7 @@ def test_server_state_travels_to_a_new_server_with_the_initial_center():
         with own_server() as server:
             model = make_model()
             flat = FlatState(model)
-            client = connect("shm", server.address, 0, flat.layout, algorithm.spec(), b"k", timeout=30)
-            worker = Worker(flat, client, algorithm)
+            worker = Worker(flat, connect_to(server, flat, algorithm), algorithm)
             worker.offer_initial_center(5, states[0][1] if states else None)
             worker.reset_to_center()
             if not states:
@@ -276,4 +278,12 @@ def test_a_bfloat16_model_accumulates_into_a_float32_center():
         worker.show_center()
         center = worker.client.mailbox[: worker.flat.trainable]
         assert torch.equal(center, start.float() + 7 * (up.float() - start.float()) / 16)  # a bf16 center: start
+        exact = worker.exact_center  # what a checkpoint keeps next to the model's rounded weights
+        assert torch.equal(exact[: worker.flat.trainable], center)
+        worker.close()
+    with own_server() as server:  # resuming: that center, not its rounding, becomes the new server's
+        flat = FlatState(make_model().to(torch.bfloat16))
+        worker = Worker(flat, connect_to(server, flat, ADAG(8)), ADAG(8))
+        worker.offer_initial_center(7, center=exact)
+        assert worker.fetch().clock == 7 and torch.equal(worker.center, center)
         worker.close()

@@ -83,12 +83,15 @@ class Recorder(Callback):
         self.start_clock = None
         self.final_clock = None
         self.start_server_state = None
+        self.start_center = None
         self.sampler = None
 
     def on_fit_start(self, trainer, pl_module):
         # right after the strategy joined the server; another worker may commit before this read: keep its clock
         clock, state = trainer.strategy.worker.server_state()
         self.start_server_state = {"clock": clock, **{name: tensor.tolist() for name, tensor in state.items()}}
+        receipt = trainer.strategy.worker.fetch()  # the center in the server's dtype, whatever the model's
+        self.start_center = {"clock": receipt.clock, "values": trainer.strategy.worker.center.tolist()}
 
     def on_train_start(self, trainer, pl_module):
         self.start_clock = trainer.strategy.worker.pulled_clock
@@ -191,6 +194,7 @@ def main() -> None:
         "start_clock": recorder.start_clock,
         "final_clock": recorder.final_clock,
         "start_server_state": recorder.start_server_state,
+        "start_center": recorder.start_center,
         "sampler": recorder.sampler,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
