@@ -71,8 +71,9 @@ class Worker:
         self._theta0 = flat.trainable_region.clone()
         self._stash: Tensor | None = None
         self._staging = Staging(client.mailbox, self.payload, flat.vector.device)
-        narrow = self.payload.dtype != flat.layout.dtype
-        self._residual = torch.zeros_like(self._theta0, dtype=torch.float32) if narrow and error_feedback else None
+        # Only the default exchange feeds a residual back (AEASGD rounds its elastic term before applying it).
+        feeds_back = error_feedback and algorithm.restarts_from_center and self.payload.dtype != flat.layout.dtype
+        self._residual = torch.zeros_like(self._theta0, dtype=torch.float32) if feeds_back else None
         self._background = ThreadPoolExecutor(1, thread_name_prefix="adag-exchange") if overlap else None
         self._values0 = flat.vector[flat.trainable :].clone() if overlap else None  # the values last sent
         self._in_flight: Future | None = None

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_adag.algorithms import ADAG, DOWNPOUR
+from lightning_adag.algorithms import ADAG, AEASGD, DOWNPOUR
 from lightning_adag.flat import FlatState
 from lightning_adag.server.launch import ServerProcess
 from lightning_adag.transports import connect
@@ -224,6 +224,14 @@ def test_compressed_commits_lose_nothing_with_error_feedback(server):
     # θ⁰ is the center after the last commit
     torch.testing.assert_close(worker.theta0.double() + worker.residual.double(), start + exact, rtol=0, atol=1e-6)
     worker.close()
+
+
+def test_only_an_algorithm_that_commits_a_window_delta_keeps_a_residual():
+    """AEASGD rounds its elastic term before applying it: nothing to feed back, so no model-sized residual."""
+    with own_server() as server:
+        worker = join(server, make_model(), window=2, algorithm=AEASGD(2), compression=torch.bfloat16)
+        assert worker.residual is None
+        worker.close()
 
 
 def test_an_overlapped_commit_trains_on_while_the_server_answers(server):
