@@ -209,6 +209,13 @@ def test_a_non_finite_initial_center_is_refused_but_a_late_offer_is_ignored():
     assert torch.equal(core.center, torch.ones(6, dtype=torch.float64))
 
 
+def test_a_non_finite_server_state_from_a_checkpoint_is_refused():
+    core = ServerCore()
+    core.configure(Layout(6, 4, torch.float64, "d"), {"name": "adag", "outer_momentum": 0.9})
+    with pytest.raises(ValueError, match="server state 'outer_momentum' holds 1 NaN.*checkpoint"):
+        core.load_state(0, torch.tensor([0.0, float("inf"), 0.0, 0.0], dtype=torch.float64))
+
+
 def test_finite_values_whose_sum_overflows_are_accepted():
     """The check's fast path sums the delta; a float16 delta can sum past 65504 with every value in range."""
     core = make_core()
