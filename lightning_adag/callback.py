@@ -79,6 +79,7 @@ class ADAGCallback(Callback):
         trainer.strategy.worker.settle()
         trainer.strategy.barrier("adag_final_commits")
         trainer.strategy.worker.reset_to_center()
+        trainer.strategy.record_final_center()
         trainer.strategy.barrier("adag_final_pull")
 
     def state_dict(self) -> dict[str, Any]:

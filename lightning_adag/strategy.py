@@ -234,26 +234,37 @@ class ADAGStrategy(ParallelStrategy):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The center variable (not this worker's parameters), as a state dict; its clock and the algorithm's
-        server-side state at that same clock go to ``checkpoint_clock`` and ``checkpoint_server_state``, and the
-        center itself to ``checkpoint_center`` when the model holds it rounded, so the callback saves them in the
-        same checkpoint."""
+        """The center variable (not this worker's parameters), as a state dict; its clock, the algorithm's
+        server-side state at that same clock and, when the model holds it rounded, the center itself go to
+        ``checkpoint_clock``, ``checkpoint_server_state`` and ``checkpoint_center``, so the callback saves them in
+        the same checkpoint. Once the worker is gone (after ``fit``) they describe the final center the model
+        holds (see :meth:`record_final_center`)."""
         if self.worker is None:
             return super().lightning_module_state_dict()
         showing = self.worker.shown_clock is not None
-        clock = self.worker.shown_clock if showing else self.worker.show_center()
+        self._record_shown_center()
+        state = {name: value.clone() for name, value in super().lightning_module_state_dict().items()}
+        if not showing:
+            self.worker.resume_window()
+        return state
+
+    def record_final_center(self) -> None:
+        """At the end of ``fit``, once every worker's last commit is in: record the final center for a checkpoint
+        saved after the worker is gone."""
+        self._record_shown_center()
+        self.worker.resume_window()
+
+    def _record_shown_center(self) -> None:
+        """Show the center (unless it is shown) and record its clock, the server state at that clock and the exact
+        center in the ``checkpoint_*`` attributes."""
+        clock = self.worker.shown_clock if self.worker.shown_clock is not None else self.worker.show_center()
         state_clock, server_state = self.worker.server_state()
         while state_clock not in (None, clock):  # a commit came between the two reads: show the newer center
             clock = self.worker.show_center()
             state_clock, server_state = self.worker.server_state()
         self.checkpoint_clock, self.checkpoint_server_state = clock, server_state
-        exact = self.worker.exact_center
-        layout = self.worker.flat.layout
+        exact, layout = self.worker.exact_center, self.worker.flat.layout
         self.checkpoint_center = None if exact is None else {"layout": layout.to_json(), "values": exact}
-        state = {name: value.clone() for name, value in super().lightning_module_state_dict().items()}
-        if not showing:
-            self.worker.resume_window()
-        return state
 
     @override
     def teardown(self) -> None:
@@ -395,8 +406,8 @@ class ADAGStrategy(ParallelStrategy):
         return worker
 
     def _start_from_one_center(self, trainer: pl.Trainer, worker: Worker) -> None:
+        callback = self._callback(trainer)
         if self.is_global_zero:
-            callback = self._callback(trainer)
             center = _restored_center(callback.restored_center, worker.flat.layout)
             receipt = worker.offer_initial_center(callback.restored_clock, callback.restored_server_state, center)
             if trainer.ckpt_path is not None and receipt.clock != callback.restored_clock:
@@ -404,8 +415,8 @@ class ADAGStrategy(ParallelStrategy):
                     f"the server already holds a center (clock {receipt.clock}), so it replaces the weights restored"
                     f" from {trainer.ckpt_path} (clock {callback.restored_clock}); the optimizer state is restored"
                 )
-            # consumed: a later fit starts anew
-            callback.restored_clock, callback.restored_server_state, callback.restored_center = 0, {}, None
+        # consumed (or, off rank 0, not needed): a later fit starts anew
+        callback.restored_clock, callback.restored_server_state, callback.restored_center = 0, {}, None
         self.barrier("adag_center_initialized")
         self.checkpoint_clock = worker.reset_to_center().clock
         self.barrier("adag_center_pulled")

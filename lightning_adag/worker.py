@@ -46,9 +46,9 @@ class Worker:
     Every exchange's receipt, once it has completed, is appended to :attr:`completed` (the callback drains it for
     its metrics).
 
-    When the center's dtype is wider than the model's (``precision="bf16-true"``: a float32 center), the model can
+    When the center's dtype is wider than the model's (16-bit "true" precision: a float32 center), the model can
     only show the center rounded; :meth:`show_center` then also keeps it exactly, on the CPU, in
-    :attr:`exact_center`, so that a checkpoint resumes from the center itself.
+    :attr:`exact_center` until :meth:`resume_window`, so that a checkpoint resumes from the center itself.
     """
 
     def __init__(
@@ -220,6 +220,7 @@ class Worker:
         if self.shown_clock is not None:
             self.flat.vector.copy_(self._stash)
             self.shown_clock = None
+            self.exact_center = None
 
     def close(self) -> None:
         if self._background is not None:

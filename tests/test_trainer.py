@@ -119,18 +119,20 @@ def test_checkpoint_holds_the_center_the_clock_and_server_state_and_resume_resto
 
 def test_a_bf16_true_checkpoint_resumes_from_the_float32_center_not_its_rounding(script):
     bf16 = ("--precision", "bf16-true", "--window", "2", "--no-val")
-    assert_ok(script, script.run("train.py", "--epochs", "1", "--checkpoint", *bf16))
-    checkpoint = torch.load(script.out / "ckpt" / "last.ckpt", weights_only=False)
-    state = checkpoint["callbacks"]["ADAGCallback"]
-    exact, clock = state["exact_center"]["values"], state["clock"]
-    assert exact.dtype == torch.float32 and clock > 0
-    weights = torch.cat([w.reshape(-1) for w in checkpoint["state_dict"].values()])
-    assert weights.dtype == torch.bfloat16 and torch.equal(weights, exact.bfloat16())  # the model holds it rounded
-    assert not torch.equal(exact, exact.bfloat16().float()), "a center that bf16 holds exactly proves nothing"
+    assert_ok(script, script.run("train.py", "--epochs", "1", "--checkpoint", "--save-after-fit", *bf16))
+    final_clock = script.results()[0]["final_clock"]
+    for saved, expected_clock in (("ckpt/last.ckpt", None), ("after_fit.ckpt", final_clock)):
+        checkpoint = torch.load(script.out / saved, weights_only=False)
+        state = checkpoint["callbacks"]["ADAGCallback"]
+        exact, clock = state["exact_center"]["values"], state["clock"]
+        assert exact.dtype == torch.float32 and clock > 0 and clock == (expected_clock or clock)
+        weights = torch.cat([w.reshape(-1) for w in checkpoint["state_dict"].values()])
+        assert weights.dtype == torch.bfloat16 and torch.equal(weights, exact.bfloat16()), saved  # rounded
+        assert not torch.equal(exact, exact.bfloat16().float()), "a center that bf16 holds exactly proves nothing"
 
-    for result in script.out.glob("rank*.json"):
+    for result in script.out.glob("rank*.json"):  # resume from the checkpoint saved after fit
         result.unlink()
-    assert_ok(script, script.run("train.py", "--epochs", "2", "--resume", str(script.out / "ckpt" / "last.ckpt"), *bf16))
+    assert_ok(script, script.run("train.py", "--epochs", "2", "--resume", str(script.out / "after_fit.ckpt"), *bf16))
     at_restore = [r["start_center"] for r in script.results().values() if r["start_center"]["clock"] == clock]
     assert at_restore, "every worker pulled only after a commit"
     trainable = exact[: len(at_restore[0]["values"])]

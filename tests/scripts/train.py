@@ -142,6 +142,7 @@ def main() -> None:
     p.add_argument("--early-stop", action="store_true")
     p.add_argument("--checkpoint", action="store_true", help="save the last checkpoint into <out>/ckpt")
     p.add_argument("--resume", help="checkpoint to resume from")
+    p.add_argument("--save-after-fit", action="store_true", help="trainer.save_checkpoint into <out>/after_fit.ckpt")
     p.add_argument("--no-val", action="store_true")
     p.add_argument("--start-method", default="popen")
     p.add_argument("--transport", default="auto")
@@ -188,6 +189,8 @@ def main() -> None:
     )
     data = DigitsDataModule(batch_size=args.batch_size)
     trainer.fit(model, datamodule=data, ckpt_path=args.resume)
+    if args.save_after_fit:
+        trainer.save_checkpoint(Path(args.out, "after_fit.ckpt"))
     result = {
         "rank": trainer.global_rank,
         "commit_times": recorder.commit_times,
