@@ -10,9 +10,19 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_adag.algorithms import ADAG, AEASGD, DOWNPOUR, Algorithm, DynSGD
 from lightning_adag.callback import ADAGCallback
 from lightning_adag.strategy import ADAGStrategy
-from lightning_adag.wire import ServerGoneError
+from lightning_adag.wire import ServerGoneError, ServerRefusedError
 
 __version__ = "0.1.0.dev0"
-__all__ = ["ADAG", "AEASGD", "DOWNPOUR", "ADAGCallback", "ADAGStrategy", "Algorithm", "DynSGD", "ServerGoneError"]
+__all__ = [
+    "ADAG",
+    "AEASGD",
+    "DOWNPOUR",
+    "ADAGCallback",
+    "ADAGStrategy",
+    "Algorithm",
+    "DynSGD",
+    "ServerGoneError",
+    "ServerRefusedError",
+]
 
 ADAGStrategy.register_strategies(StrategyRegistry)
