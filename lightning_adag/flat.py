@@ -16,7 +16,9 @@ class Layout:
     ``numel`` elements in all; the first ``trainable`` belong to trainable parameters (the region the algorithm
     updates), the rest to frozen parameters and floating-point buffers (the region carried by value).
     ``dtype`` is the center's: the model's, widened to at least float32 (:func:`center_dtype`).
-    ``digest`` hashes the names, shapes and dtype, so two models with equal sizes but different shapes do not mix.
+    ``digest`` hashes the names and shapes, so two models with equal sizes but different shapes do not mix. The
+    model's own dtype is not part of the layout, only the center's: workers that train in bfloat16 and in float32
+    exchange the same float32 center, and a checkpoint saved under one precision resumes under the other.
     """
 
     numel: int
@@ -115,5 +117,5 @@ class FlatState:
 
 
 def _digest(tensors: list[tuple[str, Tensor]]) -> str:
-    text = ";".join(f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in tensors)
+    text = ";".join(f"{name}:{tuple(t.shape)}" for name, t in tensors)
     return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -59,6 +59,12 @@ def test_layout_digest_depends_on_shapes_not_only_sizes():
     assert a.numel == b.numel and a.digest != b.digest
 
 
+def test_the_layout_is_the_centers_so_16_bit_and_float32_models_share_it():
+    float32 = FlatState(nn.Linear(3, 2)).layout
+    assert FlatState(nn.Linear(3, 2).bfloat16()).layout == FlatState(nn.Linear(3, 2).half()).layout == float32
+    assert FlatState(nn.Linear(3, 2).double()).layout != float32  # a float64 center is another center
+
+
 def test_layout_json_round_trip_and_validation():
     layout = FlatState(nn.Linear(2, 2)).layout
     assert Layout.from_json(layout.to_json()) == layout

@@ -14,6 +14,7 @@ from torch import nn
 from lightning_adag.algorithms import ADAG, AEASGD, DOWNPOUR
 from lightning_adag.flat import FlatState
 from lightning_adag.server.launch import ServerProcess
+from lightning_adag.strategy import _restored_center
 from lightning_adag.transports import connect
 from lightning_adag.worker import Worker
 
@@ -288,10 +289,12 @@ def test_a_bfloat16_model_accumulates_into_a_float32_center():
         assert torch.equal(center, start.float() + 7 * (up.float() - start.float()) / 16)  # a bf16 center: start
         exact = worker.exact_center  # what a checkpoint keeps next to the model's rounded weights
         assert torch.equal(exact[: worker.flat.trainable], center)
+        saved = {"layout": worker.flat.layout.to_json(), "values": exact}
         worker.close()
-    with own_server() as server:  # resuming: that center, not its rounding, becomes the new server's
-        flat = FlatState(make_model().to(torch.bfloat16))
-        worker = Worker(flat, connect_to(server, flat, ADAG(8)), ADAG(8))
-        worker.offer_initial_center(7, center=exact)
-        assert worker.fetch().clock == 7 and torch.equal(worker.center, center)
-        worker.close()
+    for dtype in (torch.bfloat16, torch.float32):  # resuming, as bf16-true or as 32-true: the exact center returns
+        with own_server() as server:
+            flat = FlatState(make_model().to(dtype))
+            worker = Worker(flat, connect_to(server, flat, ADAG(8)), ADAG(8))
+            worker.offer_initial_center(7, center=_restored_center(saved, flat.layout))
+            assert worker.fetch().clock == 7 and torch.equal(worker.center, center)
+            worker.close()
