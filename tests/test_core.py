@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_adag.flat import Layout
+from lightning_adag.payload import CommitPayload
 from lightning_adag.server.core import SHARD_BYTES, LayoutMismatchError, ServerCore
 
 ADAG = {"name": "adag"}
@@ -48,6 +49,35 @@ def test_any_interleaving_of_commits_leaves_c0_plus_the_sum_of_deltas(schedule, 
         total += delta[:4]
     assert core.clock == len(schedule)
     assert torch.equal(core.center[:4], c0[:4] + total)
+
+
+@given(
+    st.integers(1, 40).flatmap(lambda numel: st.tuples(st.just(numel), st.integers(1, numel))),
+    st.sampled_from([4, 8, 12, 20, SHARD_BYTES]),
+    st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    st.integers(0, 1000),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_commit_answered_in_the_buffer_it_arrived_in_is_applied_whole(sizes, shard_bytes, wire, seed):
+    """The server replies with the new center in the very buffer that holds the commit (a worker's mailbox, a TCP
+    channel's receive buffer); a 16-bit delta packs into that buffer's front, so handing a shard out must not
+    overwrite the part of the payload that later shards still read."""
+    numel, trainable = sizes
+    gen = torch.Generator().manual_seed(seed)
+    core = ServerCore(shard_bytes=shard_bytes)
+    layout = Layout(numel=numel, trainable=trainable, dtype=torch.float32, digest="d")
+    core.configure(layout, ADAG)
+    c0 = torch.randn(numel, generator=gen)
+    core.initialize(c0, 0)
+    buffer = torch.full((numel,), float("nan"))  # the mailbox: the payload fills its front, a center all of it
+    delta, values = CommitPayload(layout, wire).views(buffer.view(torch.uint8))
+    delta.copy_(torch.randn(trainable, generator=gen))
+    values.copy_(torch.randn(numel - trainable, generator=gen))
+    expected = torch.cat([c0[:trainable] + delta.float(), values])
+
+    core.commit(0, delta, 0, out=buffer, values=values)
+    assert torch.equal(core.center, expected)
+    assert torch.equal(buffer, expected)
 
 
 @given(st.lists(st.integers(0, 3), min_size=1, max_size=30))

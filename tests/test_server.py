@@ -30,10 +30,15 @@ def fuzz(examples: int) -> settings:
     return settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+#: ``--shard-mib`` for 16-byte shards: LAYOUT's center is three shards, so every test here also crosses shards.
+THREE_SHARDS = ("--shard-mib", repr(16 / 2**20))
+
+
 class Server:
     def __init__(self, transport: str) -> None:
         self.transport = transport
-        self.process = ServerProcess.start(KEY, host="127.0.0.1" if transport == "tcp" else None, log_level="ERROR")
+        host = "127.0.0.1" if transport == "tcp" else None
+        self.process = ServerProcess.start(KEY, host=host, log_level="ERROR", options=THREE_SHARDS)
         self.address = self.process.wait_ready()
 
     def connect(self, rank=0, layout=LAYOUT, key=KEY):

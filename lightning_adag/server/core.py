@@ -84,12 +84,13 @@ class ServerCore:
     """Holds the center ``C`` and the clock (number of commits applied).
 
     The center is split into shards, each with its own lock. A commit or a pull enters in order through one small
-    entry lock (which assigns its clock), then walks the shards in order, hand over hand: it takes the next shard's
-    lock before it releases the current one. Nothing overtakes anything, so every shard sees the commits in the
-    same order and a pull sees exactly the commits that entered before it, never half of one, whatever transport
-    delivered them; yet while commit k works on shard 1, commit k+1 already works on shard 0, so commits from
-    several workers use several cores. An algorithm whose server half is not elementwise and stateless (see
-    ``Algorithm.elementwise``) gets a single shard: one lock, as before.
+    entry lock (which assigns its clock), then walks the shards in one fixed order (from the last, see
+    :meth:`_walk`), hand over hand: it takes the next shard's lock before it releases the current one. Nothing
+    overtakes anything, so every shard sees the commits in the same order and a pull sees exactly the commits that
+    entered before it, never half of one, whatever transport delivered them; yet while commit k works on one shard,
+    commit k+1 already works on the shard before it, so commits from several workers use several cores. An
+    algorithm whose server half is not elementwise and stateless (see ``Algorithm.elementwise``) gets a single
+    shard: one lock, as before.
 
     The first worker fixes the layout and the algorithm; later ones must agree. ``allocate(numel, dtype)``
     supplies the center's storage.
@@ -181,7 +182,7 @@ class ServerCore:
             receipt = Receipt(self.clock, commit.staleness)
             first = self._enter()
 
-        def apply(span: slice, last: bool) -> None:
+        def apply(span: slice, final: bool) -> None:
             stop = min(span.stop, trainable)
             if span.start < stop:
                 self.algorithm.server_apply(self.center[span.start : stop], delta[span.start : stop], commit)
@@ -189,7 +190,7 @@ class ServerCore:
             if start < span.stop:
                 self.center[start : span.stop].copy_(values[start - trainable : span.stop - trainable])
             if out is not None:
-                self._hand_out(worker, receipt.clock, out, span, last)
+                self._hand_out(worker, receipt.clock, out, span, final)
 
         self._walk(first, apply)
         return receipt
@@ -200,7 +201,7 @@ class ServerCore:
             self._require_initialized()
             receipt = Receipt(self.clock)
             first = self._enter()
-        self._walk(first, lambda span, last: self._hand_out(worker, receipt.clock, out, span, last))
+        self._walk(first, lambda span, final: self._hand_out(worker, receipt.clock, out, span, final))
         return receipt
 
     def snapshot(self) -> dict | None:
@@ -257,26 +258,33 @@ class ServerCore:
                 "workers": {str(rank): record.to_json() for rank, record in sorted(self.workers.items())},
             }
 
-    def _hand_out(self, worker: int | None, clock: int, out: Tensor, span: slice, last: bool) -> None:
-        """Copy one shard of the center into ``out``; after the last one, tell the algorithm what ``worker`` got
+    def _hand_out(self, worker: int | None, clock: int, out: Tensor, span: slice, final: bool) -> None:
+        """Copy one shard of the center into ``out``; after the final one, tell the algorithm what ``worker`` got
         (only single-shard algorithms look, so their center is whole then)."""
         out[span].copy_(self.center[span])
-        if last and worker is not None:
+        if final and worker is not None:
             self.algorithm.server_pulled(worker, clock, self.center[: self.layout.trainable])
 
     def _enter(self) -> threading.Lock:
-        """Take the first shard's lock (the caller holds the entry lock, so the pipeline's order is kept)."""
-        self._locks[0].acquire()
-        return self._locks[0]
+        """Take the lock of the shard every walk starts from, the last (the caller holds the entry lock, so the
+        pipeline's order is kept)."""
+        self._locks[-1].acquire()
+        return self._locks[-1]
 
     def _walk(self, held: threading.Lock, visit: Callable[[slice, bool], None]) -> None:
-        """Visit every shard in order, holding its lock, taking the next before releasing the current one."""
+        """Visit every shard (``visit(span, final)``), holding its lock and taking the next before releasing the
+        current one.
+
+        The walk runs from the end of the center to its start because a commit is answered in the buffer it arrived
+        in: every element of a payload lies at or before the bytes of its own center element (a 16-bit delta packs
+        into the buffer's first half), so handing out a shard overwrites only payload that shards already visited
+        have read. Walking forwards, shard 0's center would overwrite shard 1's compressed delta.
+        """
         try:
-            for index, span in enumerate(self._spans):
-                last = index == len(self._spans) - 1
-                visit(span, last)
-                if not last:
-                    following = self._locks[index + 1]
+            for index in reversed(range(len(self._spans))):
+                visit(self._spans[index], index == 0)
+                if index:
+                    following = self._locks[index - 1]
                     following.acquire()
                     held.release()
                     held = following
