@@ -41,8 +41,9 @@ def window_delta(theta: Tensor, theta0: Tensor, scale: float, out: Tensor, resid
     ``scale`` is ``1 / steps`` for ADAG and ``1.0`` for DOWNPOUR. With ``residual`` (float32), error feedback for a
     narrow wire: ``exact = (theta - theta0) * scale + residual`` is computed in float32, ``out = exact`` rounded to
     ``out``'s dtype, and ``residual = exact - out``, so what rounding drops now is sent with a later commit.
-    A value beyond ``out``'s range is sent as its largest finite value (the residual keeps the excess), never as
-    an infinity that would poison the center.
+    A finite value beyond ``out``'s range is sent as its largest finite value (the residual keeps the excess), never
+    as an infinity that would poison the center. A non-finite one (a diverged worker) is sent as it is, on every
+    wire, so that the server refuses the commit instead of adding the largest value to the center.
     """
     tensors = {"theta": theta, "theta0": theta0, "out": out}
     if residual is not None:
@@ -58,7 +59,8 @@ def window_delta(theta: Tensor, theta0: Tensor, scale: float, out: Tensor, resid
     if residual is not None:
         exact.add_(residual)
     if exact is not out:
-        out.copy_(exact.clamp(-largest, largest) if out.dtype.itemsize < exact.dtype.itemsize else exact)
+        narrowing = out.dtype.itemsize < exact.dtype.itemsize
+        out.copy_(torch.where(exact.isinf(), exact, exact.clamp(-largest, largest)) if narrowing else exact)
     if residual is not None:
         torch.sub(exact, out.to(compute), out=residual)
 
@@ -169,7 +171,8 @@ def _window_delta_kernel(theta, theta0, out, residual, scale, largest, numel, BL
     exact = exact * scale
     if residual is not None:
         exact = exact + tl.load(residual + offsets, mask=mask)
-    sent = tl.clamp(exact, -largest, largest, propagate_nan=tl.PropagateNan.ALL).to(out.dtype.element_ty)
+    clamped = tl.clamp(exact, -largest, largest, propagate_nan=tl.PropagateNan.ALL)
+    sent = tl.where(tl.abs(exact) == float("inf"), exact, clamped).to(out.dtype.element_ty)
     tl.store(out + offsets, sent, mask=mask)
     if residual is not None:
         tl.store(residual + offsets, exact - sent.to(tl.float32), mask=mask)

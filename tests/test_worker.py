@@ -16,6 +16,7 @@ from lightning_adag.flat import FlatState
 from lightning_adag.server.launch import ServerProcess
 from lightning_adag.strategy import _restored_center
 from lightning_adag.transports import connect
+from lightning_adag.wire import ServerRefusedError
 from lightning_adag.worker import Worker
 
 
@@ -225,6 +226,22 @@ def test_compressed_commits_lose_nothing_with_error_feedback(server):
     # θ⁰ is the center after the last commit
     torch.testing.assert_close(worker.theta0.double() + worker.residual.double(), start + exact, rtol=0, atol=1e-6)
     worker.close()
+
+
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.float16])
+def test_a_diverged_worker_is_refused_on_a_16_bit_wire_too(server, wire):
+    """A 16-bit wire clamps what exceeds its range; an infinity must still arrive as one, or the server would add
+    the wire's largest value to the center instead of refusing the commit."""
+    observer = join(server, make_model(), window=2, rank=1)
+    center = observer.theta.clone()
+    worker = join(server, make_model(), window=2, compression=wire)
+    worker.theta[0] = float("inf")
+    with pytest.raises(ServerRefusedError, match="1 NaN or infinite value"):
+        worker.commit(2)
+    worker.close()
+    observer.reset_to_center()
+    assert torch.equal(observer.theta, center)
+    observer.close()
 
 
 def test_only_an_algorithm_that_commits_a_window_delta_keeps_a_residual():
