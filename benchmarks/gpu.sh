@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one command, on a machine with a CUDA device and torch, lightning, triton,
-# pytest and hypothesis installed (the Trainer tests also need scikit-learn and psutil):
+# pytest, hypothesis, scikit-learn and psutil installed:
 #
 #     bash benchmarks/gpu.sh [results folder]         (no install needed: it puts the checkout on PYTHONPATH)
 #
-# Writes device.txt, tests.txt (the CUDA tests), kernel.md (fused kernels against a device copy) and overhead.md
-# (one GPU worker against plain training) into the folder (default benchmarks/results/gpu), each as soon as it is
-# done, so a run cut short keeps what it finished.
+# An offline GPU machine without scikit-learn or psutil: on a machine with a package registry, fetch the wheels
+#     pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#         --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --no-deps \
+#         psutil scikit-learn scipy joblib threadpoolctl pytest-timeout -d .gpu-wheels
+# carry .gpu-wheels over, and there: pip install --no-index --no-deps .gpu-wheels/*.whl
+#
+# Writes into the folder (default benchmarks/results/gpu), each file as soon as its stage is done, so a run cut
+# short keeps what it finished, most wanted first: device.txt, overhead.md (one GPU worker against plain
+# training, ~4 min), tests.txt (the CUDA tests, ~3 min), kernel.md (fused kernels against a device copy, ~1 min).
+# Each stage has a time limit of its own (STAGE_SECONDS, default 300).
 set -u
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$(realpath -m "${1:-$root/benchmarks/results/gpu}")"
+limit="${STAGE_SECONDS:-300}"
 mkdir -p "$out"
 cd "$root"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the scripts' own subprocesses import the package too
@@ -18,7 +26,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the scripts' own subproce
     python -c "import torch, triton, lightning; print('torch', torch.__version__, 'triton', triton.__version__, 'lightning', lightning.__version__)"
     nproc
 } > "$out/device.txt" 2>&1
-python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu.py -k "cuda or gpu" --durations=10 \
-    > "$out/tests.txt" 2>&1
-python benchmarks/kernel.py > "$out/kernel.md" 2> "$out/kernel.log"
-python benchmarks/gpu_overhead.py > "$out/overhead.md" 2> "$out/overhead.log"
+if ! python -c "import psutil, sklearn, pytest_timeout" 2> /dev/null; then
+    echo "gpu.sh: psutil, scikit-learn and pytest-timeout are needed by the tests; see the top of $0" | tee -a "$out/device.txt"
+    exit 2
+fi
+timeout -k 10 "$limit" python benchmarks/gpu_overhead.py > "$out/overhead.md" 2> "$out/overhead.log"
+timeout -k 10 "$limit" python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu.py \
+    -k "cuda or gpu" --durations=10 > "$out/tests.txt" 2>&1
+timeout -k 10 "$limit" python benchmarks/kernel.py > "$out/kernel.md" 2> "$out/kernel.log"

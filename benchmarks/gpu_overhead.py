@@ -3,7 +3,7 @@
 On a GPU machine with torch, lightning and triton installed::
 
     pip install --no-deps -e . && python benchmarks/gpu_overhead.py
-    python benchmarks/gpu_overhead.py --windows 1 8 32 --steps 640 --repeats 5
+    python benchmarks/gpu_overhead.py --windows 1 8 32 --overlap-windows 1 32 --bf16-windows 1 --repeats 5
 
 The model is the paper's MLP (784-1000-2000-1000-10, ~5.8M parameters), batch 128, Adam, on synthetic data. ADAG
 adds, every λ steps, a commit and a pull: the window's delta is computed on the GPU, staged to the host mailbox,
@@ -102,12 +102,12 @@ def step_seconds(options: list[str], args: argparse.Namespace) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, nargs="+", default=[1, 8, 32], help="λ values to compare")
-    parser.add_argument("--steps", type=int, default=320, help="timed steps per run (make it a multiple of every λ)")
+    parser.add_argument("--steps", type=int, default=640, help="timed steps per run (make it a multiple of every λ)")
     parser.add_argument("--warmup", type=int, default=32, help="steps per run before the clock starts")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--accelerator", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--overlap-windows", type=int, nargs="*", default=[1, 32], help="λ values also run overlapped")
-    parser.add_argument("--bf16-windows", type=int, nargs="*", default=[1], help="λ values also run with a bf16 wire")
+    parser.add_argument("--overlap-windows", type=int, nargs="*", default=[32], help="λ values also run overlapped")
+    parser.add_argument("--bf16-windows", type=int, nargs="*", default=[], help="λ values also run with a bf16 wire")
     # internal: one training run
     parser.add_argument("--run", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

@@ -10,6 +10,7 @@ import contextlib
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_adag.algorithms import ADAG
 from lightning_adag.flat import FlatState
@@ -30,10 +31,17 @@ def serving(transport: str):
         server.stop()
 
 
-def exchanges(device: str, transport: str, compression: torch.dtype | None, overlap: bool) -> torch.Tensor:
+def big_model() -> nn.Module:
+    """4.2M parameters: a center of five 4 MiB server shards, and copies long enough that a missing wait between
+    the compute stream and the side stream would show."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2048, 2048), nn.Linear(2048, 16))
+
+
+def exchanges(device: str, transport: str, compression: torch.dtype | None, overlap: bool, model=make_model):
     """Twelve steps of made-up local progress, a commit every two, on a fresh server; the final center."""
     with serving(transport) as address:
-        flat = FlatState(make_model().to(device))
+        flat = FlatState(model().to(device))
         algorithm = ADAG(2)
         client = connect(transport, address, 0, flat.layout, algorithm.spec(), b"k", 30, pin_memory=device == "cuda")
         worker = Worker(flat, client, algorithm, compression, error_feedback=True, overlap=overlap)
@@ -56,12 +64,20 @@ def exchanges(device: str, transport: str, compression: torch.dtype | None, over
 
 
 @pytest.mark.parametrize(
-    ("transport", "compression", "overlap"),
-    [("shm", None, False), ("shm", torch.bfloat16, True), ("tcp", None, True), ("tcp", torch.bfloat16, False)],
+    ("transport", "compression", "overlap", "model"),
+    [
+        ("shm", None, False, make_model),
+        ("shm", torch.bfloat16, True, make_model),
+        ("tcp", None, True, make_model),
+        ("tcp", torch.bfloat16, False, make_model),
+        ("shm", torch.bfloat16, False, big_model),
+        ("tcp", None, True, big_model),
+    ],
+    ids=["shm", "shm-bf16-overlap", "tcp-overlap", "tcp-bf16", "big-shm-bf16", "big-tcp-overlap"],
 )
-def test_a_gpu_worker_commits_what_a_cpu_worker_would(transport, compression, overlap):
-    on_cpu = exchanges("cpu", transport, compression, overlap)
-    on_gpu = exchanges("cuda", transport, compression, overlap)
+def test_a_gpu_worker_commits_what_a_cpu_worker_would(transport, compression, overlap, model):
+    on_cpu = exchanges("cpu", transport, compression, overlap, model)
+    on_gpu = exchanges("cuda", transport, compression, overlap, model)
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-5, atol=1e-6)  # compiled kernels may fuse a multiply-add
 
 
