@@ -22,18 +22,17 @@ needs_cuda = pytest.mark.skipif(
 )
 
 F32 = torch.float32
+DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
+# The edges of the last, partial block and a few odd primes, plus anything up to three blocks.
+EDGES = [1, 2, 7, 4093, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 1]
+SIZES = st.one_of(st.sampled_from(EDGES), st.integers(1, 3 * BLOCK))
+INTERPRETED = settings(max_examples=30, deadline=None)  # each interpreted call takes milliseconds
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64", reason="no triton wheel here")
 def test_triton_is_there_so_the_interpreted_kernel_tests_run():
     """Where the test extras install triton, its absence would silently skip every Triton test below."""
     assert kernels.triton is not None, "pip install -e '.[test]' installs triton on Linux x86_64"
-
-DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
-# The edges of the last, partial block and a few odd primes, plus anything up to three blocks.
-EDGES = [1, 2, 7, 4093, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 1]
-SIZES = st.one_of(st.sampled_from(EDGES), st.integers(1, 3 * BLOCK))
-INTERPRETED = settings(max_examples=30, deadline=None)  # each interpreted call takes milliseconds
 
 
 @contextmanager
