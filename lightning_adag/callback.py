@@ -54,14 +54,15 @@ class ADAGCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if pl_module.automatic_optimization:
-            self._steps_in_window += trainer.global_step - self._last_global_step
+            stepped = trainer.global_step - self._last_global_step
             self._last_global_step = trainer.global_step
         else:
-            self._steps_in_window += 1
+            stepped = 1
+        self._steps_in_window += stepped
         if self._steps_in_window >= trainer.strategy.algorithm.window:
             self._commit(trainer)
-        else:
-            trainer.strategy.worker.poll()  # an overlapped exchange may have brought its center
+        elif stepped:  # an overlapped exchange may have brought its center: fold it between optimizer steps only,
+            trainer.strategy.worker.poll()  # never between the micro-batches of one accumulated gradient
         self._log(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -36,12 +36,14 @@ class Worker:
 
     ``overlap`` runs each exchange on a background thread while the next window trains. The window's delta is taken
     at its end as usual, and the next window starts from the local θ (θ⁰ ← θ) instead of waiting for the center.
-    When the center C arrives (checked after every batch by :meth:`poll`, and waited for at the latest at the next
-    commit) it is folded in: θ ← θ + (C − θ⁰), θ⁰ ← C. The worker then stands on the center plus exactly the steps
-    it took meanwhile, and its next delta measures those steps only; the center is one exchange older than it would
-    be without overlap. The values that travel by value (buffers such as running statistics) fold the same way
-    against the values the commit sent, so the local updates made meanwhile are kept. Only algorithms that restart
-    each window from the center can overlap (not AEASGD).
+    When the center C arrives (checked by :meth:`poll`, which the callback calls after every optimizer step, and
+    waited for at the latest at the next commit) it is folded in: θ ← θ + (C − θ⁰), θ⁰ ← C. The worker then stands
+    on the center plus exactly the steps it took meanwhile, and its next delta measures those steps only. The price
+    is delay: those steps started from θ as it stood at the commit, not from C (for ADAG they differ by
+    (1 − 1/λ)(θ − θ⁰) of the committed window plus what other workers committed meanwhile), which a receipt's
+    staleness, counted in commits, does not show. The values that travel by value (buffers such as running
+    statistics) fold the same way against the values the commit sent, so the local updates made meanwhile are kept.
+    Only algorithms that restart each window from the center can overlap (not AEASGD).
 
     Every exchange's receipt, once it has completed, is appended to :attr:`completed` (the callback drains it for
     its metrics).

@@ -51,6 +51,16 @@ def test_compressed_overlapped_commits_train_to_accuracy(script):
     assert results[0]["metrics"]["adag/commit_bytes"] == 2 * trainable  # bf16: two bytes a parameter
 
 
+def test_gradient_accumulation_counts_optimizer_steps_and_folds_only_between_them(script):
+    overlap = ("--window", "1", "--accumulate", "2", "--overlap")
+    assert_ok(script, script.run("train.py", "--epochs", "3", *overlap))
+    for result in script.results().values():
+        assert result["metrics"]["adag/commits"] == result["global_step"] == 36  # λ counts optimizer steps
+        # an arriving center is folded in after an optimizer step, never between the two halves of a gradient
+        assert result["moved_without_a_step"] == 0
+        assert result["validate"]["val_acc"] >= 0.8
+
+
 # "16-mixed" is tested in test_gpu.py: on the CPU, Lightning runs it as "bf16-mixed".
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_precision_plugins_train_against_a_float32_center(script, precision):

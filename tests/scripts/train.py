@@ -85,6 +85,8 @@ class Recorder(Callback):
         self.start_server_state = None
         self.start_center = None
         self.sampler = None
+        self.moved_without_a_step = 0  # batches between which θ changed though no optimizer step ran
+        self._last_batch_start = None
 
     def on_fit_start(self, trainer, pl_module):
         # right after the strategy joined the server; another worker may commit before this read: keep its clock
@@ -97,6 +99,12 @@ class Recorder(Callback):
         self.start_clock = trainer.strategy.worker.pulled_clock
         sampler = trainer.train_dataloader.sampler
         self.sampler = [type(sampler).__name__, getattr(sampler, "num_replicas", None), getattr(sampler, "rank", None)]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        now = (trainer.global_step, torch.cat([p.detach().flatten() for p in pl_module.parameters()]))
+        if self._last_batch_start is not None and self._last_batch_start[0] == now[0]:
+            self.moved_without_a_step += not torch.equal(self._last_batch_start[1], now[1])
+        self._last_batch_start = now
 
     def on_train_end(self, trainer, pl_module):
         self.final_clock = trainer.strategy.worker.pulled_clock  # ADAGCallback's final pull ran before this
@@ -132,6 +140,7 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=-1)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--accumulate", type=int, default=1, help="Trainer(accumulate_grad_batches=...)")
     p.add_argument("--slow-rank", type=int, default=-1)
     p.add_argument("--slow-sleep", type=float, default=0.0)
     p.add_argument("--fail-at-batch", type=int)
@@ -179,6 +188,7 @@ def main() -> None:
         devices=args.devices,
         max_epochs=args.epochs,
         max_steps=args.max_steps,
+        accumulate_grad_batches=args.accumulate,
         callbacks=callbacks,
         enable_checkpointing=args.checkpoint,
         logger=False,
@@ -199,6 +209,7 @@ def main() -> None:
         "start_server_state": recorder.start_server_state,
         "start_center": recorder.start_center,
         "sampler": recorder.sampler,
+        "moved_without_a_step": recorder.moved_without_a_step,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
