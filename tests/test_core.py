@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -149,7 +150,8 @@ def test_a_worker_with_another_layout_or_algorithm_is_refused(layout, algorithm,
 
 @pytest.mark.parametrize("shard_bytes", [SHARD_BYTES, 64 * 1024], ids=["4MiB-shards", "64KiB-shards"])
 def test_concurrent_commits_are_atomic_and_pulls_never_see_half_a_commit(shard_bytes):
-    """Commits pipeline through the shards, yet every pull sees a whole number of them."""
+    """Commits pipeline through the shards, yet every pull and every snapshot sees a whole number of them; a
+    snapshot, which takes every shard lock, never deadlocks with commits in flight."""
     numel = 1_000_000
     core = ServerCore(shard_bytes=shard_bytes)
     core.configure(Layout(numel, numel, torch.float32, "d"), ADAG)
@@ -168,11 +170,22 @@ def test_concurrent_commits_are_atomic_and_pulls_never_see_half_a_commit(shard_b
             if not (out.min() == out.max() == receipt.clock):
                 torn.append((float(out.min()), float(out.max()), receipt.clock))
 
-    threads = [threading.Thread(target=committer, args=(w,)) for w in range(4)] + [threading.Thread(target=reader)]
+    def snapshotter():
+        for _ in range(20):
+            snapshot = core.snapshot()
+            center, clock = snapshot["center"], snapshot["clock"]
+            if not (center.min() == center.max() == clock):
+                torn.append((float(center.min()), float(center.max()), clock))
+
+    threads = [threading.Thread(target=committer, args=(w,)) for w in range(4)]
+    threads += [threading.Thread(target=reader), threading.Thread(target=snapshotter)]
     for t in threads:
+        t.daemon = True  # a deadlock fails the test instead of hanging the session
         t.start()
+    deadline = time.monotonic() + 120
     for t in threads:
-        t.join()
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "deadlock: a thread never finished"
     assert not torn
     assert core.clock == 100
     assert torch.equal(core.center, torch.full((numel,), 100.0))

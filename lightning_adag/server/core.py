@@ -84,11 +84,11 @@ class ServerCore:
     """Holds the center ``C`` and the clock (number of commits applied).
 
     The center is split into shards, each with its own lock. A commit or a pull enters in order through one small
-    entry lock (which assigns its clock), then walks the shards in one fixed order (from the last, see
-    :meth:`_walk`), hand over hand: it takes the next shard's lock before it releases the current one. Nothing
+    entry lock (which assigns its clock), then walks the shards in one fixed order (from the end of the center,
+    see :meth:`_walk`), hand over hand: it takes the next shard's lock before it releases the current one. Nothing
     overtakes anything, so every shard sees the commits in the same order and a pull sees exactly the commits that
-    entered before it, never half of one, whatever transport delivered them; yet while commit k works on one shard,
-    commit k+1 already works on the shard before it, so commits from several workers use several cores. An
+    entered before it, never half of one, whatever transport delivered them; yet while commit k works on one
+    shard, commit k+1 already works on the shard before it, so commits from several workers use several cores. An
     algorithm whose server half is not elementwise and stateless (see ``Algorithm.elementwise``) gets a single
     shard: one lock, as before.
 
@@ -120,7 +120,8 @@ class ServerCore:
                 self.center = self._allocate(layout.numel, layout.dtype)
                 self.layout, self.algorithm, self.algorithm_spec = layout, algorithm, dict(algorithm_spec)
                 shard = max(1, self._shard_bytes // layout.dtype.itemsize) if algorithm.elementwise else layout.numel
-                self._spans = [slice(a, min(a + shard, layout.numel)) for a in range(0, layout.numel, shard)]
+                starts = range(0, layout.numel, shard)
+                self._spans = [slice(a, min(a + shard, layout.numel)) for a in reversed(starts)]  # see _walk
                 self._locks = [threading.Lock() for _ in self._spans]
                 return
             if layout != self.layout:
@@ -266,25 +267,26 @@ class ServerCore:
             self.algorithm.server_pulled(worker, clock, self.center[: self.layout.trainable])
 
     def _enter(self) -> threading.Lock:
-        """Take the lock of the shard every walk starts from, the last (the caller holds the entry lock, so the
-        pipeline's order is kept)."""
-        self._locks[-1].acquire()
-        return self._locks[-1]
+        """Take the first shard's lock (the caller holds the entry lock, so the pipeline's order is kept)."""
+        self._locks[0].acquire()
+        return self._locks[0]
 
     def _walk(self, held: threading.Lock, visit: Callable[[slice, bool], None]) -> None:
-        """Visit every shard (``visit(span, final)``), holding its lock and taking the next before releasing the
-        current one.
+        """Visit every shard in order (``visit(span, final)``), holding its lock and taking the next before
+        releasing the current one. Everything that takes several shard locks takes them in this one order.
 
-        The walk runs from the end of the center to its start because a commit is answered in the buffer it arrived
-        in: every element of a payload lies at or before the bytes of its own center element (a 16-bit delta packs
-        into the buffer's first half), so handing out a shard overwrites only payload that shards already visited
-        have read. Walking forwards, shard 0's center would overwrite shard 1's compressed delta.
+        The order runs from the end of the center to its start (``_spans`` is built that way) because a commit is
+        answered in the buffer it arrived in: every element of a payload lies at or before the bytes of its own
+        center element (a 16-bit delta packs into the buffer's first half), so handing out a shard overwrites only
+        payload that shards already visited have read. Walking forwards, the first shard's center would overwrite
+        the next shard's compressed delta.
         """
         try:
-            for index in reversed(range(len(self._spans))):
-                visit(self._spans[index], index == 0)
-                if index:
-                    following = self._locks[index - 1]
+            for index, span in enumerate(self._spans):
+                final = index == len(self._spans) - 1
+                visit(span, final)
+                if not final:
+                    following = self._locks[index + 1]
                     following.acquire()
                     held.release()
                     held = following
@@ -295,7 +297,7 @@ class ServerCore:
     def _quiesced(self):
         """Hold the whole center: no commit or pull enters, and those in flight have left every shard."""
         with self._entry, contextlib.ExitStack() as stack:
-            for lock in self._locks:
+            for lock in self._locks:  # in walk order: a commit in flight holds one and waits for the next
                 stack.enter_context(lock)
             yield
 
