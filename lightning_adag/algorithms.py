@@ -137,6 +137,9 @@ class NesterovOuter:
         self.buffer: Tensor | None = None
 
     def apply(self, center: Tensor, delta: Tensor) -> None:
+        if not self.momentum:  # C ← C + η Δ: elementwise and stateless, so the server applies it shard by shard
+            center.add_(delta, alpha=self.lr)
+            return
         if self.buffer is None:
             self.buffer = torch.zeros_like(center)
         self.buffer.mul_(self.momentum).add_(delta)

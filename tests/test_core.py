@@ -219,6 +219,18 @@ def test_only_elementwise_stateless_rules_are_sharded(spec, elementwise):
     assert len(core._spans) == (6 if elementwise else 1)
 
 
+@pytest.mark.parametrize("name", ["adag", "downpour"])
+def test_an_outer_learning_rate_without_momentum_scales_every_shard(name):
+    """No momentum, no server state: the rule is sharded, and each shard adds η Δ (nothing sized to one shard)."""
+    core = ServerCore(shard_bytes=32)  # shards of 4 and 2 elements, both with trainable ones
+    core.configure(Layout(6, 5, torch.float64, "d"), {"name": name, "outer_lr": 0.5})
+    core.initialize(torch.zeros(6, dtype=torch.float64), 0)
+    assert len(core._spans) == 2
+    for _ in range(2):
+        core.commit(0, torch.tensor([2.0, 4.0, 6.0, 8.0, 10.0, 1.0], dtype=torch.float64), core.clock)
+    assert core.center.tolist() == [2.0, 4.0, 6.0, 8.0, 10.0, 1.0]
+
+
 @given(
     st.integers(0, 5),
     st.sampled_from([float("nan"), float("inf"), float("-inf")]),
