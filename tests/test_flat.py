@@ -82,6 +82,27 @@ def test_a_model_without_trainable_parameters_is_refused_with_advice():
         check_shareable(nn.ReLU())
 
 
+def test_a_non_persistent_buffer_stays_local():
+    """A constant kept out of the state dict (here a causal mask of -inf) neither travels nor blocks training."""
+    model = model_with_everything()
+    model[2].register_buffer("mask", torch.full((2, 2), float("-inf")).triu(1), persistent=False)
+    flat = FlatState(model)
+    assert "2.mask" not in flat.names and flat.vector.numel() == 32 + 2 + 8
+    assert model[2].mask[0, 1] == float("-inf")
+
+
+@pytest.mark.parametrize("where", ["buffer", "frozen", "trainable"])
+def test_a_shared_tensor_holding_infinity_or_nan_is_refused_with_advice(where):
+    model = model_with_everything()
+    if where == "buffer":
+        model[2].register_buffer("mask", torch.full((2, 2), float("-inf")).triu(1))
+    else:
+        parameter = model[2].bias if where == "frozen" else model[0].weight
+        parameter.data[0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN and infinite values.*persistent=False"):
+        check_shareable(model)
+
+
 def test_mixed_dtypes_are_refused_with_advice():
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).double())
     with pytest.raises(ValueError, match="several dtypes"):

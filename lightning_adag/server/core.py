@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_adag.algorithms import Algorithm, Commit, server_rule
-from lightning_adag.flat import Layout
+from lightning_adag.flat import Layout, all_finite
 
 
 class LayoutMismatchError(ValueError):
@@ -65,18 +64,10 @@ RESTORED = "Check the model's initialization, or the checkpoint or server snapsh
 
 
 def require_finite(tensor: Tensor, what: str, advice: str) -> None:
-    """Raise a ``ValueError`` that says how many elements of ``tensor`` are NaN or infinite, if any are.
-
-    A sum is finite only if every element is (NaN and the infinities survive any order of additions), and it reads
-    the tensor once at memory speed without allocating: on one thread, 0.7 ms for 4.8M float32 values, against
-    1.1 ms for ``aminmax`` and 12 ms for ``isfinite``. A sum that overflows the tensor's dtype (a float16 delta
-    summing past 65504) is taken again in float64, which finite 32- and 16-bit values cannot overflow; only a
-    refusal pays for the exact count.
-    """
-    if math.isfinite(tensor.sum().item()) or math.isfinite(tensor.sum(dtype=torch.float64).item()):
-        return
-    bad = tensor.numel() - int(torch.isfinite(tensor).sum())
-    if bad:
+    """Raise a ``ValueError`` that says how many elements of ``tensor`` are NaN or infinite, if any are (checked
+    at memory speed by :func:`~lightning_adag.flat.all_finite`; only a refusal pays for the exact count)."""
+    if not all_finite(tensor):
+        bad = tensor.numel() - int(torch.isfinite(tensor).sum())
         raise ValueError(f"{what} holds {bad} NaN or infinite value(s) of {tensor.numel()}. {advice}")
 
 
