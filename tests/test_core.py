@@ -126,6 +126,16 @@ def test_a_commit_from_the_future_is_refused_and_changes_nothing():
     assert core.clock == 0 and torch.equal(core.center, torch.zeros(6, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("clock", [-1, 2**62, 2**63 - 1])
+def test_an_initial_clock_that_could_not_travel_is_refused(clock):
+    """Clocks travel as signed 64 bits: a damaged checkpoint's huge clock would break every later reply."""
+    core = ServerCore()
+    core.configure(Layout(6, 4, torch.float64, "d"), ADAG)
+    with pytest.raises(ValueError, match="clock must be in"):
+        core.initialize(torch.zeros(6, dtype=torch.float64), clock)
+    assert not core.initialized
+
+
 def test_commits_before_initialization_are_refused():
     core = ServerCore()
     core.configure(Layout(6, 4, torch.float64, "d"), ADAG)

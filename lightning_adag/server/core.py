@@ -54,6 +54,9 @@ class WorkerRecord:
 SHARD_BYTES = 4 * 2**20
 
 
+#: Clocks travel as signed 64-bit integers; an initial clock at or past this leaves room for every later commit.
+MAX_CLOCK = 2**62
+
 #: What a refused commit's error says.
 DIVERGED = (
     "The center is unchanged. The worker's parameters have diverged: lower the learning rate, clip gradients"
@@ -129,8 +132,8 @@ class ServerCore:
 
     def initialize(self, values: Tensor, clock: int) -> Receipt:
         """Set the center to ``values`` at ``clock`` unless it already holds one; either way, return its clock."""
-        if clock < 0:
-            raise ValueError(f"clock must be >= 0, got {clock}")
+        if not 0 <= clock < MAX_CLOCK:
+            raise ValueError(f"clock must be in [0, 2**62), got {clock}: is the checkpoint or snapshot damaged?")
         with self._quiesced():
             self._require_layout()
             if not self.initialized:
