@@ -58,9 +58,11 @@ def window_delta(theta: Tensor, theta0: Tensor, scale: float, out: Tensor, resid
     exact = _scaled_difference(theta, theta0, scale, out, compute)
     if residual is not None:
         exact.add_(residual)
-    if exact is not out:
-        narrowing = out.dtype.itemsize < exact.dtype.itemsize
-        out.copy_(torch.where(exact.isinf(), exact, exact.clamp(-largest, largest)) if narrowing else exact)
+    if exact is not out and out.dtype.itemsize < exact.dtype.itemsize:
+        clamped = exact.clamp(-largest, largest)
+        out.copy_(torch.where(exact.isinf(), exact, clamped, out=clamped))
+    elif exact is not out:
+        out.copy_(exact)
     if residual is not None:
         torch.sub(exact, out.to(compute), out=residual)
 

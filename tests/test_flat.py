@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from lightning_adag.flat import FlatState, Layout, check_shareable
+from lightning_adag.flat import FlatState, Layout, all_finite, check_shareable
 
 
 def model_with_everything():
@@ -99,8 +101,16 @@ def test_a_shared_tensor_holding_infinity_or_nan_is_refused_with_advice(where):
     else:
         parameter = model[2].bias if where == "frozen" else model[0].weight
         parameter.data[0] = float("nan")
+    check_shareable(model)  # in the launching process: structure only
     with pytest.raises(ValueError, match=r"NaN and infinite values.*persistent=False"):
-        check_shareable(model)
+        FlatState(model)
+
+
+def test_all_finite_sees_past_a_float16_sum_that_overflows():
+    tensor = torch.ones(3 * 2**20 + 5, dtype=torch.float16)  # sums to 3M, past float16's 65504: several chunks
+    assert math.isinf(tensor.sum().item()) and all_finite(tensor)
+    tensor[-1] = float("nan")
+    assert not all_finite(tensor)
 
 
 def test_mixed_dtypes_are_refused_with_advice():

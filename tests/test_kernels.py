@@ -194,16 +194,22 @@ def test_a_delta_beyond_the_wire_range_is_sent_in_pieces_not_as_infinity(interpr
     assert out.tolist() == [7e4 - largest, 0.0, -1e5 + largest] and not residual.any()
 
 
-@pytest.mark.parametrize("interpret", [False, True] if kernels.triton is not None else [False])
+@pytest.mark.parametrize(
+    "path",
+    ["torch", pytest.param("interpreted", marks=needs_triton), pytest.param("cuda", marks=needs_cuda)],
+)
 @pytest.mark.parametrize("wire", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreting inf - inf
-def test_a_diverged_delta_is_sent_non_finite_so_the_server_refuses_it(interpret, wire):
+def test_a_diverged_delta_is_sent_non_finite_so_the_server_refuses_it(path, wire):
     """Clamping is for finite values past a 16-bit range; an infinity sent as the largest finite value would pass
     the server's check and fill the center with it."""
-    theta, theta0 = torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0]), torch.zeros(4)
-    out, residual = torch.empty(4, dtype=wire), torch.zeros(4)
-    with interpreted(interpret):
+    device = "cuda" if path == "cuda" else "cpu"
+    theta = torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0], device=device)
+    theta0, residual = torch.zeros(4, device=device), torch.zeros(4, device=device)
+    out = torch.empty(4, dtype=wire, device=device)
+    with interpreted(path == "interpreted"):
         window_delta(theta, theta0, 1.0, out, residual if wire != torch.float32 else None)
+    out = out.cpu()
     assert out[:2].tolist() == [float("inf"), float("-inf")] and out[2].isnan() and out[3] == 1.0
 
 
