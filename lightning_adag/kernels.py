@@ -58,7 +58,7 @@ def window_delta(theta: Tensor, theta0: Tensor, scale: float, out: Tensor, resid
     exact = _scaled_difference(theta, theta0, scale, out, compute)
     if residual is not None:
         exact.add_(residual)
-    if exact is not out and out.dtype.itemsize < exact.dtype.itemsize:
+    if exact is not out and out.dtype.itemsize < exact.dtype.itemsize:  # narrowing: clamp what is finite only
         clamped = exact.clamp(-largest, largest)
         out.copy_(torch.where(exact.isinf(), exact, clamped, out=clamped))
     elif exact is not out:

@@ -429,7 +429,8 @@ def _restored_center(saved: dict[str, Any] | None, layout: Layout) -> Tensor | N
     if Layout.from_json(saved["layout"]) != layout:
         rank_zero_warn(
             "the checkpoint's full-precision center belongs to another model layout (different parameters, frozen"
-            " set, or float64 against float32); the server starts from the checkpoint's model weights instead, as saved"
+            " set, or float64 against float32); the server starts from the checkpoint's model weights instead, as"
+            " saved"
         )
         return None
     return saved["values"]

@@ -54,7 +54,7 @@ class WorkerRecord:
 SHARD_BYTES = 4 * 2**20
 
 
-#: Clocks travel as signed 64-bit integers; an initial clock at or past this leaves room for every later commit.
+#: Initial clocks must be below this: clocks travel as signed 64-bit integers, and this leaves room for 2**62 commits.
 MAX_CLOCK = 2**62
 
 #: What a refused commit's error says.
