@@ -48,7 +48,7 @@ def test_compressed_overlapped_commits_train_to_accuracy(script):
     assert_ok(script, script.run("train.py", "--epochs", "3", "--window", "2", "--compression", "bf16", "--overlap"))
     results = script.results()
     assert results[0]["digest"] == results[1]["digest"]  # the last exchange was folded in before the final pull
-    assert results[0]["validate"]["val_acc"] >= 0.9
+    assert results[0]["validate"]["val_acc"] >= 0.88  # 0.922–0.928 in 3 runs (session 6)
     trainable = 64 * 64 + 64 + 64 * 10 + 10
     assert results[0]["metrics"]["adag/commit_bytes"] == 2 * trainable  # bf16: two bytes a parameter
 
