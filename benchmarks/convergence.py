@@ -405,11 +405,13 @@ def table(results: list[dict], dataset: str) -> str:
         done = [r for r in runs if "error" not in r]
         failed = [r["error"] for r in runs if "error" in r]
         val = [r["val_acc"] for r in done]
-        def efficiencies(reference: str, same_window: bool) -> list[float]:
-            found = [] if key == reference else (efficiency_against(results, r, reference, same_window) for r in done)
-            return [e for e in found if e is not None]
 
-        te_aeasgd, te_ddp = efficiencies("aeasgd", True), efficiencies("ddp", False)
+        te_aeasgd, te_ddp = (
+            []
+            if key == reference
+            else [e for r in done if (e := efficiency_against(results, r, reference, same)) is not None]
+            for reference, same in (("aeasgd", True), ("ddp", False))
+        )
         val_text = fmt(val, lambda v: f"{100 * v:.2f} %")
         if len(val) > 1:
             val_text += f" [{100 * min(val):.2f}, {100 * max(val):.2f}]"

@@ -8,8 +8,9 @@ On a GPU machine with torch, lightning and triton installed::
 Each operation's bandwidth counts the bytes it must move at least: every input read once, every output written once
 (``window_delta`` reads θ and θ⁰ and writes the delta, plus reading and writing the residual with error feedback;
 ``elastic_exchange`` reads θ and the center and writes θ and E; ``install_center`` reads the center and writes θ and
-θ⁰; ``fold_center``, for overlapped exchanges, reads the center, θ and θ⁰ and writes θ and θ⁰). The unfused column runs the same call down the torch path (what a CPU tensor, or a machine without triton,
-gets): several kernels, each a full pass. The copy column is ``dst.copy_(src)`` moving the same number of bytes (half
+θ⁰; ``fold_center``, for overlapped exchanges, reads the center, θ and θ⁰ and writes θ and θ⁰).
+The unfused column runs the same call down the torch path (what a CPU tensor, or a machine without triton, gets):
+several kernels, each a full pass. The copy column is ``dst.copy_(src)`` moving the same number of bytes (half
 read, half written): the card's practical ceiling. Times are CUDA-event medians over ``--repeats`` samples, each
 sample enough calls to move about ``SAMPLE_BYTES``. Vectors that fit in L2 (1M float32 elements, times three) run
 from cache in every column alike, so the ratios stay fair there but the GB/s are not DRAM figures. The issue's

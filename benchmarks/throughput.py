@@ -86,7 +86,9 @@ def run_worker(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     world = args.devices * args.num_nodes
-    data = TensorDataset(torch.randn(args.steps * BATCH * world, 784), torch.randint(0, 10, (args.steps * BATCH * world,)))
+    data = TensorDataset(
+        torch.randn(args.steps * BATCH * world, 784), torch.randint(0, 10, (args.steps * BATCH * world,))
+    )
     if args.strategy == "ddp":
         strategy = DDPStrategy(process_group_backend="gloo")
     elif args.strategy == "post-local":
@@ -313,16 +315,34 @@ def section_scaling(args, results) -> None:
                 start_at = time.time() + 20 + 5 * clients  # every client imported and connected by then
                 with tempfile.TemporaryDirectory() as out:
                     procs = [
-                        subprocess.Popen([
-                            sys.executable, __file__, "--client", "--transport", transport, "--address", address,
-                            "--rank", str(i), "--numel", str(numel), "--start-at", str(start_at),
-                            "--seconds", str(args.seconds), "--out", f"{out}/{i}.json",
-                        ])  # fmt: skip
+                        subprocess.Popen(
+                            [
+                                sys.executable,
+                                __file__,
+                                "--client",
+                                "--transport",
+                                transport,
+                                "--address",
+                                address,
+                                "--rank",
+                                str(i),
+                                "--numel",
+                                str(numel),
+                                "--start-at",
+                                str(start_at),
+                                "--seconds",
+                                str(args.seconds),
+                                "--out",
+                                f"{out}/{i}.json",
+                            ]
+                        )  # fmt: skip
                         for i in range(clients)
                     ]
                     for proc in procs:
                         proc.wait(600)
-                    counts.append(sum(json.loads(Path(out, f"{i}.json").read_text())["commits"] for i in range(clients)))
+                    counts.append(
+                        sum(json.loads(Path(out, f"{i}.json").read_text())["commits"] for i in range(clients))
+                    )
             finally:
                 server.stop()
         rate = statistics.median(counts) / args.seconds
@@ -377,7 +397,9 @@ def main() -> None:
     if args.client:
         return run_client(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # unwind, so the network namespaces are removed
-    print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
+    print(
+        f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+    )
     print(f"command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}")
     results: dict = {}
     for name in args.sections:

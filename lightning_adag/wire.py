@@ -36,7 +36,9 @@ class Kind(enum.IntEnum):
     HELLO = 4  # worker -> server, JSON {rank, layout, algorithm}; answered by WELCOME
     WELCOME = 5  # server -> worker, JSON {mailbox (shared memory only), initialized, clock}
     INIT = 6  # worker -> server, a = clock, the vector; sets the center if the server holds none; answered by CENTER
-    COMMIT = 7  # worker -> server, a = pulled clock, b = steps, dtype = the delta's, a commit payload; answered by CENTER
+    COMMIT = (
+        7  # worker -> server, a = pulled clock, b = steps, dtype = the delta's, a commit payload; answered by CENTER
+    )
     PULL = 8  # worker -> server; answered by CENTER
     CENTER = 9  # server -> worker, a = clock, b = staleness of the commit (0 otherwise), the center
     STATS = 10  # worker -> server; answered by REPORT

@@ -128,7 +128,7 @@ def script(tmp_path):
         yield run
         if run.procs:
             left = run.leftovers()
-            assert not left, f"orphan processes after the run:\n" + "\n".join(left)
+            assert not left, "orphan processes after the run:\n" + "\n".join(left)
             leaked = adag_leftovers() - before
             assert not leaked, f"segments or sockets left behind: {sorted(leaked)}"
     finally:

@@ -15,7 +15,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-SPEC = importlib.util.spec_from_file_location("convergence", Path(__file__).parents[1] / "benchmarks" / "convergence.py")
+SPEC = importlib.util.spec_from_file_location(
+    "convergence", Path(__file__).parents[1] / "benchmarks" / "convergence.py"
+)
 convergence = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(convergence)
 
@@ -101,9 +103,27 @@ def test_temporal_efficiency_laws(a, b, factor):
 def test_one_small_sweep_writes_the_table_and_plot_and_extends(tmp_path):
     """The one-command reproduction, shrunk: 2 workers, a small MLP, one pass over a generated set, two seeds;
     then the same directory extended by a third ADAG seed, which runs only that one."""
-    command = [sys.executable, str(Path(convergence.__file__)), "--dataset", "augmented", "--data-dir",
-               str(tmp_path / "data"), "--workers", "2", "--windows", "4", "--epochs", "1", "--hidden", "32",
-               "--probe-seconds", "0.5", "--out", str(tmp_path / "out"), "--algorithms"]
+    command = [
+        sys.executable,
+        str(Path(convergence.__file__)),
+        "--dataset",
+        "augmented",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--workers",
+        "2",
+        "--windows",
+        "4",
+        "--epochs",
+        "1",
+        "--hidden",
+        "32",
+        "--probe-seconds",
+        "0.5",
+        "--out",
+        str(tmp_path / "out"),
+        "--algorithms",
+    ]
     subprocess.run([*command, "adag", "aeasgd", "--seeds", "0", "1"], check=True, timeout=300, capture_output=True)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["name"] for r in results] == ["adag-n2-w4-s0", "adag-n2-w4-s1", "aeasgd-n2-w4-s0", "aeasgd-n2-w4-s1"]

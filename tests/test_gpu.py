@@ -10,6 +10,7 @@ import contextlib
 
 import pytest
 import torch
+from test_worker import make_model
 from torch import nn
 
 from lightning_adag.algorithms import ADAG
@@ -17,7 +18,6 @@ from lightning_adag.flat import FlatState
 from lightning_adag.server.launch import ServerProcess
 from lightning_adag.transports import connect
 from lightning_adag.worker import Worker
-from test_worker import make_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

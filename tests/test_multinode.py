@@ -6,8 +6,7 @@ import signal
 
 import pytest
 import torch
-
-from conftest import free_port, tagged_processes
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +26,12 @@ def test_two_nodes_launched_by_lightning_reach_single_node_accuracy(script):
     port = str(free_port())
     procs = [
         script.start(
-            "train.py", *TRAIN, "--num-nodes", "2", "--devices", "1",
+            "train.py",
+            *TRAIN,
+            "--num-nodes",
+            "2",
+            "--devices",
+            "1",
             env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(node)},
         )  # fmt: skip
         for node in (0, 1)
@@ -39,10 +43,25 @@ def test_two_nodes_launched_by_torchrun(script):
     port = str(free_port())
     procs = [
         script.start(
-            "train.py", *TRAIN, "--num-nodes", "2", "--devices", "1",
+            "train.py",
+            *TRAIN,
+            "--num-nodes",
+            "2",
+            "--devices",
+            "1",
             launcher=(
-                "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
-                "--master-addr", "127.0.0.1", "--master-port", port,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(node),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
             ),
         )  # fmt: skip
         for node in (0, 1)
@@ -91,7 +110,14 @@ def test_workers_without_the_key_are_refused_with_a_clear_error(script):
         launcher=("-m",), env={"ADAG_AUTH_KEY": "right"}, out=False,
     )  # fmt: skip
     code = script.run(
-        "train.py", "--devices", "1", "--max-steps", "4", "--server", f"127.0.0.1:{port}", "--no-val",
+        "train.py",
+        "--devices",
+        "1",
+        "--max-steps",
+        "4",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--no-val",
         env={"ADAG_AUTH_KEY": "wrong"},
     )
     assert code != 0

@@ -12,10 +12,10 @@ import time
 import psutil
 import pytest
 import torch
+from conftest import adag_leftovers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import adag_leftovers
 from lightning_adag import auth, wire
 from lightning_adag.flat import Layout
 from lightning_adag.payload import CommitPayload
@@ -26,6 +26,8 @@ from lightning_adag.transports.tcp import split_address
 LAYOUT = Layout(numel=10, trainable=8, dtype=torch.float32, digest="test")
 ADAG = {"name": "adag"}
 KEY = "test-key"
+
+
 def fuzz(examples: int) -> settings:
     return settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -128,7 +130,9 @@ def test_a_commit_that_announces_a_wrong_payload_is_refused(server, code, length
         assert wire.recv(sock).kind is wire.Kind.WELCOME
         if server.transport == "shm" and length:
             pytest.skip("a shared-memory commit carries no bytes")
-        sock.sendall(wire.HEADER.pack(wire.MAGIC, wire.VERSION, int(wire.Kind.COMMIT), code, 0, 0, 1, length) + bytes(length))
+        sock.sendall(
+            wire.HEADER.pack(wire.MAGIC, wire.VERSION, int(wire.Kind.COMMIT), code, 0, 0, 1, length) + bytes(length)
+        )
         reply = wire.recv(sock)
         assert reply.kind is wire.Kind.ERROR and error in reply.payload.decode()
     finally:
@@ -170,7 +174,7 @@ def test_a_server_without_the_key_is_detected_by_the_worker(server):
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
-    address = "127.0.0.1:%d" % listener.getsockname()[1]
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
 
     def impostor():
         conn, _ = listener.accept()
@@ -287,7 +291,8 @@ from lightning_adag.transports import connect
 client = connect({server.transport!r}, {server.address!r}, 7, LAYOUT, ADAG, KEY.encode(), timeout=10)
 client.mailbox.fill_(1000.0)
 frame = wire.HEADER.pack(wire.MAGIC, wire.VERSION, int(wire.Kind.COMMIT), 1, 0, 0, 1, LAYOUT.nbytes)
-client._sock.sendall(frame[:20] if {server.transport!r} == "shm" else frame + bytes(wire.byte_view(client.mailbox))[:20])
+partial = frame[:20] if {server.transport!r} == "shm" else frame + bytes(wire.byte_view(client.mailbox))[:20]
+client._sock.sendall(partial)
 os.kill(os.getpid(), signal.SIGKILL)
 """
     before = server.center()

@@ -22,8 +22,8 @@ class ServerProcess:
     """A parameter server child process, owned by the process that started it.
 
     The server gets the read end of a pipe (the lifeline) and stops by itself when it reaches end-of-file or its
-    parent changes, so it never outlives its owner, even one killed with SIGKILL. It runs in its own session so that a Ctrl+C in the
-    terminal reaches the training processes, which then stop it in order, rather than the server first.
+    parent changes, so it never outlives its owner, even one killed with SIGKILL. It runs in its own session so that a
+    Ctrl+C in the terminal reaches the training processes, which then stop it in order, rather than the server first.
     """
 
     def __init__(self, process: subprocess.Popen, socket_path: Path, shm_prefix: str, lifeline: int, ready: int):

@@ -111,7 +111,9 @@ class ShmChannel:
         """The worker sent a frame after WELCOME, so it has mapped the mailbox: the name is no longer needed."""
         unlink_quietly(self.path)
 
-    def receive(self, sock: socket.socket, header: wire.Header, vector: Tensor, dtype: torch.dtype | None = None) -> None:
+    def receive(
+        self, sock: socket.socket, header: wire.Header, vector: Tensor, dtype: torch.dtype | None = None
+    ) -> None:
         """The vector a request carries is already in ``vector``, a view of the mailbox; the frame must announce
         its dtype (or ``dtype``, for a commit payload's bytes)."""
         if header.length:

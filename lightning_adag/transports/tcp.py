@@ -89,7 +89,9 @@ class TcpChannel:
     def attached(self) -> None:
         pass
 
-    def receive(self, sock: socket.socket, header: wire.Header, vector: Tensor, dtype: torch.dtype | None = None) -> None:
+    def receive(
+        self, sock: socket.socket, header: wire.Header, vector: Tensor, dtype: torch.dtype | None = None
+    ) -> None:
         """Receive the vector a request carries into ``vector``, a view of this connection's buffer (its bytes
         hold ``dtype`` when that is given: a commit payload)."""
         wire.read_tensor_into(sock, header, vector, dtype)

@@ -5,8 +5,6 @@ import argparse
 import lightning as L
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-import lightning_adag
-
 parser = argparse.ArgumentParser()
 parser.add_argument("--out")
 parser.parse_args()
