@@ -20,6 +20,13 @@ paper's 784 inputs (1,437 training and 360 validation images); ``augmented``: an
 1,437 training digits only, validation images from the 360 held-out ones. It is generated once into IDX files
 under ``--data-dir`` and read by the MNIST loader, so every worker process loads it in a second.
 
+``--schedule round-robin`` runs the same configuration without processes or sockets: the project's ``Worker``,
+``Algorithm`` and ``ServerCore`` classes in one process, the workers taking turns (λ steps, then one commit each),
+as workers with one core each and equal speed interleave on the paper's cluster. Every worker reads the batches
+it reads in the multi-process run (the same ``DistributedSampler`` shards and seed), so the two runs differ only
+in the order in which commits reach the server. Both record every commit's staleness and its size against the
+center.
+
 Temporal efficiency (the paper's third measure) of run A against run B is the ratio of the areas under their
 accuracy-over-time curves up to the shorter run's end; the table gives it for every run against AEASGD with the
 same n, λ and seed, and against DDP with the same n and seed.
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import os
 import struct
@@ -41,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from common import Classifier, as_inputs, paper_mlp
 
 # (label, strategy algorithm, window rule): "grid" takes each --windows value, an integer is a fixed window.
 ALGORITHMS = {
@@ -98,11 +106,6 @@ def load_mnist(directory: Path) -> tuple[torch.Tensor, ...]:
             raise ValueError(f"{prefix}: {len(images)} images but {len(labels)} labels")
         parts += [torch.tensor(images.reshape(len(images), -1)), torch.tensor(labels, dtype=torch.int64)]
     return tuple(parts)
-
-
-def as_inputs(x: torch.Tensor) -> torch.Tensor:
-    """A batch as the model's inputs: byte pixels scaled to [0, 1], float pixels unchanged."""
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x
 
 
 def digits_split(seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -188,7 +191,10 @@ def load_data(dataset: str, directory: str | None) -> tuple[torch.Tensor, ...]:
 
 # ------------------------------------------------------------------------------------------------------ one run
 def run_one(config: dict) -> None:
-    """Train one configuration; run by every rank of its process tree. Rank 0 writes ``config["result"]``."""
+    """Train one configuration; run by every rank of its process tree. Rank 0 writes ``config["result"]``, every
+    rank its exchanges (see :class:`ExchangeLog`)."""
+    if config.get("schedule") == "round-robin":
+        return run_round_robin(config)
     import lightning as L
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader, TensorDataset
@@ -199,29 +205,7 @@ def run_one(config: dict) -> None:
     L.seed_everything(config["seed"], verbose=False)  # also seeds the DistributedSampler's shuffling
     x_train, y_train, x_val, y_val = load_data(config["dataset"], config["data_dir"])
     x_probe, y_probe = x_val[: config["probe_samples"]], y_val[: config["probe_samples"]]
-
-    class MLP(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(config["seed"])  # identical initialization for every configuration with this seed
-            sizes = [x_train.shape[1], *config["hidden"]]
-            layers = [m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
-            self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], 10))
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return F.cross_entropy(self(as_inputs(x)), y)
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=config["lr"])
-
-    def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-        with torch.no_grad():
-            chunks = zip(x.split(10_000), y.split(10_000))
-            return sum(int((model(as_inputs(xs)).argmax(1) == ys).sum()) for xs, ys in chunks) / len(x)
+    exchanges = ExchangeLog()
 
     class CenterProbe(Callback):
         """Rank 0 evaluates the center on the first ``probe_samples`` validation images every ``probe_seconds``;
@@ -235,11 +219,14 @@ def run_one(config: dict) -> None:
             if trainer.global_rank == 0:
                 self.curve.append((0.0, accuracy(pl_module, x_probe, y_probe)))
             self.start = self.last = time.perf_counter()
+            worker = getattr(trainer.strategy, "worker", None)  # None under DDP: every replica is the model
+            if worker is not None:
+                exchanges.observe(worker.client, self.start)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             now = time.perf_counter()
             if trainer.global_rank == 0 and now - self.last >= config["probe_seconds"]:
-                worker = getattr(trainer.strategy, "worker", None)  # None under DDP: every replica is the model
+                worker = getattr(trainer.strategy, "worker", None)
                 if worker is not None:
                     worker.show_center()
                 self.curve.append((now - self.start, accuracy(pl_module, x_probe, y_probe)))
@@ -263,10 +250,11 @@ def run_one(config: dict) -> None:
         enable_model_summary=False,
         logger=False,
     )
-    model = MLP()
+    model = paper_model(config, x_train.shape[1])
     train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=config["batch_size"], shuffle=True)
     trainer.fit(model, train_dataloaders=train_loader)
     elapsed = time.perf_counter() - probe.start
+    exchanges.save(config, trainer.global_rank)
     if trainer.global_rank == 0:
         val = accuracy(model, x_val, y_val)  # after fit every worker holds the final center
         result = {
@@ -278,6 +266,176 @@ def run_one(config: dict) -> None:
             "steps_per_worker": trainer.global_step,
         }
         Path(config["result"]).write_text(json.dumps(result))
+
+
+def paper_model(config: dict, inputs: int) -> Classifier:
+    torch.manual_seed(config["seed"])  # identical initialization for every configuration with this seed
+    return Classifier(paper_mlp(inputs, tuple(config["hidden"])), lr=config["lr"])
+
+
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        chunks = zip(x.split(10_000), y.split(10_000))
+        return sum(int((model(xs).argmax(1) == ys).sum()) for xs, ys in chunks) / len(x)
+
+
+class ExchangeLog:
+    """Every commit of one worker: when, the clock it produced, its staleness, and its size against the center
+    (the L2 norms of the delta it sent and of the center it got back). Observes the worker's transport client,
+    whose mailbox holds the payload when a commit is sent and the center when it returns."""
+
+    def __init__(self) -> None:
+        self.commits: list[tuple[float, int, int, float, float]] = []
+
+    def observe(self, client, start: float) -> None:
+        send = client.commit
+
+        def commit(pulled_clock, steps, payload):
+            delta, _ = payload.views(client.mailbox.view(torch.uint8))
+            size = float(delta.float().norm())
+            receipt = send(pulled_clock, steps, payload)
+            center = float(client.mailbox[: delta.numel()].norm())
+            self.commits.append((time.perf_counter() - start, receipt.clock, receipt.staleness, size, center))
+            return receipt
+
+        client.commit = commit
+
+    def save(self, config: dict, rank: int) -> None:
+        Path(f"{config['result']}.rank{rank}.exchanges.json").write_text(json.dumps(self.commits))
+
+
+def exchange_summary(result_path: Path) -> dict:
+    """What the ranks' exchange logs of one run say, together: commits (in all and per worker), the staleness
+    distribution, and commit sizes relative to the center's norm. Removes the logs."""
+    logs = sorted(result_path.parent.glob(f"{result_path.name}.rank*.exchanges.json"))
+    per_worker = [json.loads(p.read_text()) for p in logs]
+    for p in logs:
+        p.unlink()
+    commits = [c for worker in per_worker for c in worker]
+    if not commits:
+        return {}
+    staleness = np.array([c[2] for c in commits])
+    relative = np.array([c[3] / c[4] for c in commits if c[4] > 0])
+    values, counts = np.unique(staleness, return_counts=True)
+    return {
+        "commits": len(commits),
+        "commits_per_worker": [len(worker) for worker in per_worker],
+        "staleness_mean": float(staleness.mean()),
+        "staleness_percentiles": {str(q): float(np.percentile(staleness, q)) for q in (5, 50, 95)},
+        "staleness_histogram": {str(int(v)): int(c) for v, c in zip(values, counts)},
+        "commit_size_percentiles": {str(q): float(np.percentile(relative, q)) for q in (50, 95, 99)},
+    }
+
+
+class InProcessClient:
+    """A worker's link to a ``ServerCore`` in the same process: what a transport client does, without a socket."""
+
+    def __init__(self, core, rank: int) -> None:
+        self.core, self.rank = core, rank
+        self.mailbox = torch.zeros(core.layout.numel, dtype=core.layout.dtype)
+
+    def initialize(self, clock: int):
+        self.core.initialize(self.mailbox, clock)
+        return self.pull()
+
+    def pull(self):
+        return self.core.read(self.mailbox, self.rank)
+
+    def commit(self, pulled_clock: int, steps: int, payload):
+        delta, values = payload.views(self.mailbox.view(torch.uint8))
+        return self.core.commit(self.rank, delta, pulled_clock, out=self.mailbox, values=values)
+
+    def interrupt(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def run_round_robin(config: dict) -> None:
+    """The deterministic schedule: ``n`` workers in this process take turns, each running λ local steps and then
+    committing once, until every worker's shard of the data budget is spent (the final window of each holds what
+    is left). Writes the same record as a multi-process run."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from lightning_adag.algorithms import resolve_algorithm
+    from lightning_adag.flat import FlatState
+    from lightning_adag.server.core import ServerCore
+    from lightning_adag.worker import Worker
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    x_train, y_train, x_val, y_val = load_data(config["dataset"], config["data_dir"])
+    x_probe, y_probe = x_val[: config["probe_samples"]], y_val[: config["probe_samples"]]
+    dataset = TensorDataset(x_train, y_train)
+    n, window = config["workers"], config["window"]
+    algorithm = resolve_algorithm(config["algorithm"], window)
+    core = ServerCore()
+    exchanges = [ExchangeLog() for _ in range(n)]
+    start = time.perf_counter()
+    models, workers, optimizers, streams = [], [], [], []
+    for rank in range(n):
+        model = paper_model(config, x_train.shape[1])
+        flat = FlatState(model)
+        if rank == 0:
+            core.configure(flat.layout, algorithm.spec())
+        client = InProcessClient(core, rank)
+        exchanges[rank].observe(client, start)
+        worker = Worker(flat, client, algorithm)
+        if rank == 0:
+            worker.offer_initial_center(0)
+        worker.reset_to_center()
+        sampler = DistributedSampler(dataset, num_replicas=n, rank=rank, shuffle=True, seed=config["seed"])
+        models.append(model)
+        workers.append(worker)
+        optimizers.append(model.configure_optimizers())
+        streams.append(
+            _batches(DataLoader(dataset, batch_size=config["batch_size"], sampler=sampler), config["epochs"])
+        )
+    judge = paper_model(config, x_train.shape[1])
+    judge_flat = FlatState(judge)
+
+    def center_accuracy(x, y) -> float:
+        judge_flat.vector.copy_(core.center)
+        return accuracy(judge, x, y)
+
+    curve = [(0.0, center_accuracy(x_probe, y_probe))]
+    last_probe = time.perf_counter()
+    active, steps_taken = list(range(n)), [0] * n
+    while active:
+        for rank in list(active):
+            model, optimizer, steps = models[rank], optimizers[rank], 0
+            for x, y in itertools.islice(streams[rank], window):
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                optimizer.step()
+                steps += 1
+            if steps:
+                workers[rank].commit(steps)
+                steps_taken[rank] += steps
+            if steps < window:
+                active.remove(rank)
+        if time.perf_counter() - last_probe >= config["probe_seconds"]:
+            curve.append((time.perf_counter() - start, center_accuracy(x_probe, y_probe)))
+            last_probe = time.perf_counter()
+    elapsed = time.perf_counter() - start
+    for rank, log in enumerate(exchanges):
+        log.save(config, rank)
+    result = {
+        **config,
+        "seconds": elapsed,
+        "val_acc": center_accuracy(x_val, y_val),
+        "train_acc": center_accuracy(x_train, y_train),
+        "curve": [*curve, (elapsed, center_accuracy(x_probe, y_probe))],
+        "steps_per_worker": max(steps_taken),
+    }
+    Path(config["result"]).write_text(json.dumps(result))
+
+
+def _batches(loader, epochs: int):
+    """``loader``'s batches over ``epochs`` epochs, reshuffled per epoch as Lightning does (``set_epoch``)."""
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        yield from loader
 
 
 # ------------------------------------------------------------------------------------------------------ measures
@@ -299,20 +457,26 @@ def temporal_efficiency(curve: list[tuple[float, float]], reference: list[tuple[
 # ------------------------------------------------------------------------------------------------------ driver
 def configurations(args: argparse.Namespace, dataset: str, data_dir: str | None) -> list[dict]:
     """Every run, seed by seed, so that an interrupted sweep has whole grids for its first seeds."""
-    runs = []
+    cells = args.cells or [(n, window) for n in args.workers for window in args.windows]
+    suffix = "-rr" if args.schedule == "round-robin" else ""
+    runs, names = [], set()
     for seed in args.seeds:
-        for n in args.workers:
+        for n, cell_window in cells:
             for key in args.algorithms:
                 label, algorithm, rule = ALGORITHMS[key]
-                windows = args.windows if rule == "grid" else [rule]
-                for window in windows:
-                    name = f"{key}-n{n}" + (f"-w{window}" if window is not None else "") + f"-s{seed}"
+                if algorithm is None and suffix:
+                    continue  # DDP has no commits to take turns with
+                window = cell_window if rule == "grid" else rule
+                name = f"{key}-n{n}" + (f"-w{window}" if window is not None else "") + f"{suffix}-s{seed}"
+                if name not in names:
+                    names.add(name)
                     runs.append(
                         {
                             "name": name,
                             "key": key,
-                            "label": label,
+                            "label": label + (" round-robin" if suffix else ""),
                             "algorithm": algorithm,
+                            "schedule": args.schedule,
                             "window": window,
                             "workers": n,
                             "seed": seed,
@@ -361,6 +525,7 @@ def launch(config: dict, timeout: float) -> dict:
         result = {**config, "error": f"exit {code}, see {result_path.with_suffix('.log')}"}
     else:
         result = {**json.loads(result_path.read_text()), "memory_gib": (peak[0] - before) / 2**30}
+        result.update(exchange_summary(result_path))
     result_path.write_text(json.dumps(result))
     return result
 
@@ -369,7 +534,10 @@ def collect(out: Path) -> list[dict]:
     """Every run recorded under ``out`` (this invocation's and earlier ones'), in table order."""
     results = [json.loads(p.read_text()) for p in Path(out, "runs").glob("*.json") if ".config." not in p.name]
     order = list(ALGORITHMS)
-    return sorted(results, key=lambda r: (r["workers"], order.index(r["key"]), r["window"] or 0, r["seed"]))
+    return sorted(
+        results,
+        key=lambda r: (r["workers"], order.index(r["key"]), r["window"] or 0, r.get("schedule", ""), r["seed"]),
+    )
 
 
 def efficiency_against(results: list[dict], run: dict, key: str, same_window: bool) -> float | None:
@@ -393,15 +561,15 @@ def table(results: list[dict], dataset: str) -> str:
         " training wall-clock after start-up; TE = temporal efficiency (median over seeds; > 1: more accurate"
         " sooner); memory = the machine's peak used memory above its idle level.",
         "",
-        "| n | algorithm | λ | seeds | val acc | train acc | time (s) | steps/worker | TE vs AEASGD | TE vs DDP"
-        " | memory (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| n | algorithm | λ | seeds | val acc | train acc | time (s) | steps/worker | commits | staleness mean"
+        " [p5, p95] | commit/center p50 | TE vs AEASGD | TE vs DDP | memory (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["workers"], r["key"], r["window"]), []).append(r)
+        groups.setdefault((r["workers"], r["key"], r["window"], r.get("schedule")), []).append(r)
     fmt = lambda values, f: "–" if not values else f(float(np.median(values)))  # noqa: E731
-    for (n, key, window), runs in groups.items():
+    for (n, key, window, _), runs in groups.items():
         done = [r for r in runs if "error" not in r]
         failed = [r["error"] for r in runs if "error" in r]
         val = [r["val_acc"] for r in done]
@@ -421,10 +589,22 @@ def table(results: list[dict], dataset: str) -> str:
             + f" | {val_text} | {fmt([r['train_acc'] for r in done], lambda v: f'{100 * v:.2f} %')}"
             f" | {fmt([r['seconds'] for r in done], lambda v: f'{v:.0f}')}"
             f" | {fmt([r['steps_per_worker'] for r in done], lambda v: f'{v:.0f}')}"
+            f" | {fmt([r['commits'] for r in done if 'commits' in r], lambda v: f'{v:.0f}')}"
+            f" | {staleness_text(done)}"
+            f" | {fmt([r['commit_size_percentiles']['50'] for r in done if 'commits' in r], lambda v: f'{v:.2e}')}"
             f" | {fmt(te_aeasgd, lambda v: f'{v:.3f}')} | {fmt(te_ddp, lambda v: f'{v:.3f}')}"
             f" | {fmt([r['memory_gib'] for r in done], lambda v: f'{v:.1f}')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def staleness_text(runs: list[dict]) -> str:
+    """The first run's mean staleness and its 5th and 95th percentiles (runs of one group have the same n)."""
+    measured = [r for r in runs if "staleness_mean" in r]
+    if not measured:
+        return "–"
+    p = measured[0]["staleness_percentiles"]
+    return f"{measured[0]['staleness_mean']:.1f} [{p['5']:.0f}, {p['95']:.0f}]"
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -441,7 +621,7 @@ def plot(results: list[dict], path: Path) -> None:
         for r in results:
             if r["workers"] != n or "error" in r:
                 continue
-            series = (r["key"], r["window"])
+            series = (r["key"], r["window"], r.get("schedule"))
             first = series not in colours
             colours.setdefault(series, f"C{len(colours) % 10}")
             t, acc = zip(*r["curve"])
@@ -456,10 +636,29 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def cell(text: str) -> tuple[int, int]:
+    n, _, window = text.partition(":")
+    if not (n.isdigit() and window.isdigit()):
+        raise argparse.ArgumentTypeError(f"a cell is n:λ, for example 20:10, not {text!r}")
+    return int(n), int(window)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 8, 16, 32], help="values of n")
     parser.add_argument("--windows", type=int, nargs="+", default=[10, 20], help="the λ grid")
+    parser.add_argument(
+        "--cells",
+        type=cell,
+        nargs="+",
+        help="(n, λ) pairs as n:λ (for example 10:10 30:20), instead of every --workers and --windows pair",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=["processes", "round-robin"],
+        default="processes",
+        help="workers as Lightning processes, or taking turns in one process (see the module's docstring)",
+    )
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--epochs", type=int, default=40, help="data budget: passes over the training set in total")
     parser.add_argument("--batch-size", type=int, default=128)

@@ -3,7 +3,6 @@ the generated augmented digits, temporal efficiency, and one small sweep through
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,11 +14,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-SPEC = importlib.util.spec_from_file_location(
-    "convergence", Path(__file__).parents[1] / "benchmarks" / "convergence.py"
-)
-convergence = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(convergence)
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import common  # noqa: E402
+import convergence  # noqa: E402
 
 
 def test_idx_files_load_as_the_paper_used_mnist(tmp_path):
@@ -61,7 +58,7 @@ def test_augmented_digits_are_an_mnist_shaped_set_made_once(tmp_path):
     x_train, y_train, x_val, y_val = convergence.load_mnist(directory)
     assert x_train.shape == (2000, 784) and x_val.shape == (500, 784) and x_train.dtype == torch.uint8
     assert torch.bincount(y_train, minlength=10).min() > 120  # every class, roughly balanced
-    assert 0 < float(convergence.as_inputs(x_train).mean()) < 0.5  # strokes on a dark frame, as MNIST
+    assert 0 < float(common.as_inputs(x_train).mean()) < 0.5  # strokes on a dark frame, as MNIST
     assert int(x_train.view(-1, 28, 28)[:, :, 0].max()) < 255  # the digit does not fill the frame
     stamp = (directory / "train-images-idx3-ubyte").stat().st_mtime_ns
     assert convergence.augmented_digits(tmp_path, train=2000, val=500, seed=3) == directory
