@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import Classifier, as_inputs, paper_mlp
+from common import Classifier, paper_mlp
 
 # (label, strategy algorithm, window rule): "grid" takes each --windows value, an integer is a fixed window.
 ALGORITHMS = {
@@ -97,7 +97,7 @@ def write_idx(path: Path, array: np.ndarray, code: int = 0x08) -> None:
 
 def load_mnist(directory: Path) -> tuple[torch.Tensor, ...]:
     """MNIST's 60k training and 10k test images, flattened and kept as bytes: 32 workers holding the training set
-    as float32 would spend 6 GiB on it. ``as_inputs`` scales a batch to [0, 1], as the paper did."""
+    as float32 would spend 6 GiB on it. ``common.as_inputs`` scales a batch to [0, 1], as the paper did."""
     parts = []
     for prefix in ("train", "t10k"):
         images = read_idx(find_idx(directory, f"{prefix}-images-idx3-ubyte"))
