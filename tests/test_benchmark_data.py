@@ -30,7 +30,7 @@ def test_idx_files_load_as_the_paper_used_mnist(tmp_path):
     x_train, y_train, x_val, y_val = convergence.load_mnist(tmp_path)
     assert x_train.shape == (5, 784) and x_val.shape == (3, 784)
     assert torch.equal(x_train[1], torch.tensor(train_images[1].reshape(-1)))
-    inputs = convergence.as_inputs(x_val)
+    inputs = common.as_inputs(x_val)
     assert inputs.dtype == torch.float32 and torch.equal(inputs * 255.0, x_val.float())
     assert 0.0 <= float(inputs.min()) and float(inputs.max()) <= 1.0
     assert y_train.tolist() == [0, 1, 2, 3, 9] and y_val.tolist() == [7, 8, 9]
