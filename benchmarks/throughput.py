@@ -308,8 +308,7 @@ def section_scaling(args, results) -> None:
     for transport, clients, (server_name, options) in itertools.product(("shm", "tcp"), args.clients, servers.items()):
         counts = []
         for _ in range(args.repeats):
-            host = "127.0.0.1" if transport == "tcp" else None
-            server = ServerProcess.start("bench", host, options=options)
+            server = ServerProcess.start("bench", transport, options=options)
             try:
                 address = server.wait_ready()
                 start_at = time.time() + 20 + 5 * clients  # every client imported and connected by then

@@ -97,7 +97,7 @@ def time_socket(numel: int, repeats: int) -> float:
 
 
 def time_transport(transport: str, numel: int, repeats: int) -> float:
-    server = ServerProcess.start("bench", host="127.0.0.1" if transport == "tcp" else None)
+    server = ServerProcess.start("bench", transport)
     try:
         address = server.wait_ready()
         layout = Layout(numel=numel, trainable=numel, dtype=torch.float32, digest="bench")

@@ -1,24 +1,21 @@
 """Asynchronous optimizers: what a worker commits, and how the server folds a commit into the center.
 
-Each algorithm is one small class with a worker half and a server half. The worker half drives one exchange with
-the server at the end of a window (:meth:`Algorithm.exchange`); the server half applies a commit to the center under
-the server's lock (:meth:`Algorithm.server_apply`) and keeps whatever state the rule needs. Nothing else in the
-package knows which algorithm runs. The formulas are those of ``PAPER.md``.
+Each algorithm is one small class with a worker half and a server half, both pure math. The worker half says what
+a worker commits at the end of a window (:meth:`Algorithm.worker_delta`); the worker (:mod:`lightning_adag.worker`)
+runs the exchange. The server half applies a commit to the center under the server's lock
+(:meth:`Algorithm.server_apply`) and keeps whatever state the rule needs. Nothing else in the package knows which
+algorithm runs. The formulas are those of ``PAPER.md``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from lightning_adag import kernels
-
-if TYPE_CHECKING:
-    from lightning_adag.server.core import Receipt
-    from lightning_adag.worker import Worker
 
 
 @dataclass(frozen=True)
@@ -40,13 +37,17 @@ class Algorithm:
     """Base class. ``window`` is the number of local optimizer steps between two commits (λ); ``None`` lets the
     strategy pick :func:`suggested_window` once it knows the model and the number of workers.
 
-    Subclasses set ``name`` and implement the worker half (:meth:`worker_delta`, or :meth:`exchange` when the
-    protocol is not "commit a delta, then restart from the center") and the server half (:meth:`server_apply`).
+    Subclasses set ``name`` and implement the worker half (:meth:`worker_delta`) and the server half
+    (:meth:`server_apply`).
     Server-side state that must survive a checkpoint is returned by :meth:`server_state`: trainable-sized vectors,
     named in :attr:`state_names` on both sides so that they travel by index.
     """
 
     name: ClassVar[str]
+    #: Whether every window starts from the center its commit brought back (θ ← C, θ⁰ ← C). A rule whose workers
+    #: keep their own parameters instead (AEASGD) measures its commit against the center pulled just before it, and
+    #: its exchanges cannot overlap training.
+    restarts_from_center: ClassVar[bool] = True
 
     def __init__(self, window: int | None = None) -> None:
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
@@ -54,24 +55,13 @@ class Algorithm:
         self.window = window
 
     # ------------------------------------------------------------------------------------------ worker half
-    @property
-    def restarts_from_center(self) -> bool:
-        """Whether every window starts from the center its commit brought back: true of every algorithm that keeps
-        the default :meth:`exchange` (what overlapped exchanges rely on)."""
-        return type(self).exchange is Algorithm.exchange
-
-    def exchange(self, worker: Worker, steps: int) -> Receipt:
-        """End a window of ``steps`` local steps: commit :meth:`worker_delta`, then restart the window from the
-        center the server hands back (θ ← C, θ⁰ ← C)."""
-        self.worker_delta(worker.theta, worker.theta0, steps, worker.outgoing, worker.residual)
-        return worker.install(worker.send(worker.pulled_clock, steps))
-
     def worker_delta(
-        self, theta: Tensor, theta0: Tensor, steps: int, out: Tensor, residual: Tensor | None = None
+        self, theta: Tensor, reference: Tensor, steps: int, out: Tensor, residual: Tensor | None = None
     ) -> None:
-        """Write the tensor to commit into ``out`` (in the wire dtype), from the local parameters ``theta``, the
-        parameters ``theta0`` pulled at the start of the window, and the number of local ``steps`` the window
-        actually holds. ``residual``: error feedback for a narrow wire dtype (see :func:`kernels.window_delta`)."""
+        """Write what a worker commits at the end of a window of ``steps`` local steps into ``out`` (in the wire
+        dtype), from its parameters ``theta`` and ``reference``: θ⁰, the center the window started from, for rules
+        that restart from the center; the center just pulled for the others, which may also move ``theta``.
+        ``residual``: error feedback for a narrow wire dtype (see :func:`kernels.window_delta`)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ server half
@@ -308,6 +298,7 @@ class AEASGD(Algorithm):
     """
 
     name = "aeasgd"
+    restarts_from_center = False
 
     def __init__(self, window: int | None = None, rho: float = 5.0, elastic_lr: float = 0.01) -> None:
         super().__init__(window)
@@ -323,12 +314,11 @@ class AEASGD(Algorithm):
     def alpha(self) -> float:
         return self.rho * self.elastic_lr
 
-    def exchange(self, worker: Worker, steps: int) -> Receipt:
-        pulled = worker.fetch()
-        kernels.elastic_exchange(worker.theta, worker.center, self.alpha, worker.outgoing)
-        receipt = worker.send(pulled.clock, steps)
-        worker.pulled_clock = receipt.clock
-        return receipt
+    def worker_delta(
+        self, theta: Tensor, reference: Tensor, steps: int, out: Tensor, residual: Tensor | None = None
+    ) -> None:
+        """``out = E = α (θ − C)`` and ``θ ← θ − E``, with ``reference`` the center ``C`` just pulled."""
+        kernels.elastic_exchange(theta, reference, self.alpha, out)
 
     def server_apply(self, center: Tensor, delta: Tensor, commit: Commit) -> None:
         center.add_(delta)

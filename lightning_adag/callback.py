@@ -26,22 +26,15 @@ class ADAGCallback(Callback):
 
     def __init__(self) -> None:
         self.commits = 0
-        self.restored_clock = 0
-        self.restored_server_state: dict[str, Any] = {}
-        self.restored_center: dict[str, Any] | None = None
-        self._strategy = None
         self._steps_in_window = 0
         self._last_global_step = 0
         self._since_log = _Means()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning_adag.strategy import ADAGStrategy
-
-        if not isinstance(trainer.strategy, ADAGStrategy):
+        if not hasattr(trainer.strategy, "record_final_center"):  # the one strategy this drives
             raise TypeError(
                 f"ADAGCallback needs Trainer(strategy='adag') or an ADAGStrategy, got {type(trainer.strategy).__name__}"
             )
-        self._strategy = trainer.strategy
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._steps_in_window = 0
@@ -83,26 +76,6 @@ class ADAGCallback(Callback):
         trainer.strategy.record_final_center()
         trainer.strategy.barrier("adag_final_pull")
 
-    def state_dict(self) -> dict[str, Any]:
-        """The clock of the center that the strategy put in the same checkpoint, the algorithm's server-side state
-        (for example an outer optimizer's momentum) at that clock, and, when the model's weights hold the center
-        rounded (``precision="bf16-true"``), the center itself with the layout it belongs to (``exact_center``)."""
-        if self._strategy is None:
-            clock, server_state, center = self.restored_clock, self.restored_server_state, self.restored_center
-        else:
-            strategy = self._strategy
-            clock, server_state = strategy.checkpoint_clock, strategy.checkpoint_server_state
-            center = strategy.checkpoint_center
-        state = {"clock": clock, "server_state": server_state}
-        if center is not None:
-            state["exact_center"] = center
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.restored_clock = int(state_dict.get("clock", 0))
-        self.restored_server_state = dict(state_dict.get("server_state", {}))
-        self.restored_center = state_dict.get("exact_center")
-
     def _commit(self, trainer: pl.Trainer) -> None:
         start = time.perf_counter()
         trainer.strategy.worker.commit(self._steps_in_window)
@@ -113,8 +86,8 @@ class ADAGCallback(Callback):
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the means since the last log, on the steps whose metrics Lightning hands to the loggers (every
         ``log_every_n_steps``) and on the last batch of an epoch (so short runs show them too). Only then: each
-        ``self.log`` call costs about a millisecond of Lightning's bookkeeping, and on a GPU a device
-        synchronization, which every step would pay."""
+        ``self.log`` call costs Lightning's bookkeeping and, on a GPU, a device synchronization, which every step
+        would pay (BENCHMARKS.md)."""
         worker = trainer.strategy.worker
         for receipt in worker.completed:
             self._since_log.staleness.add(receipt.staleness)

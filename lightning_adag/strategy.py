@@ -12,35 +12,26 @@ import torch
 import torch.distributed
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized,
-    _get_default_process_group_backend_for_device,
-    _init_dist_connection,
-    _sync_ddp_if_available,
-)
-from lightning.fabric.utilities.distributed import group as _group
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.fabric.utilities.seed import reset_seed
-from lightning.fabric.utilities.types import ReduceOp
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
-from lightning.pytorch.strategies.parallel import ParallelStrategy
-from lightning.pytorch.strategies.strategy import TBroadcast
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
-from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_adag import auth
 from lightning_adag.algorithms import ALGORITHMS, Algorithm, resolve_algorithm, suggested_window
 from lightning_adag.callback import ADAGCallback
+from lightning_adag.checkpoint import CenterRecord
 from lightning_adag.flat import FlatState, Layout, check_shareable
 from lightning_adag.lockstep import check_asynchrony, disable_lockstep
 from lightning_adag.payload import COMPRESSIONS
 from lightning_adag.server.launch import ServerProcess
-from lightning_adag.transports import connect
+from lightning_adag.transports import TRANSPORTS, connect
 from lightning_adag.transports.tcp import split_address
 from lightning_adag.worker import Worker, check_overlappable
 
@@ -48,10 +39,10 @@ log = logging.getLogger(__name__)
 
 _START_METHODS = ("popen", "spawn", "fork", "forkserver")
 DRIFT_TIMEOUT = timedelta(hours=24)
-_TRANSPORTS = ("auto", "shm", "tcp")
+_TRANSPORTS = ("auto", *TRANSPORTS)
 
 
-class ADAGStrategy(ParallelStrategy):
+class ADAGStrategy(DDPStrategy):
     """Asynchronous data-parallel training through a parameter server (Hermans et al., 2017).
 
     Launches one worker process per device like DDP does, and global rank 0 starts a parameter-server process.
@@ -59,6 +50,10 @@ class ADAGStrategy(ParallelStrategy):
     accumulated update to the server and pulls the center variable back. No collective runs between workers inside
     an epoch, so a slow worker does not hold the others back. Validation, checkpoints and the model left after
     ``fit`` are the center variable.
+
+    A :class:`~lightning.pytorch.strategies.DDPStrategy` without the ``DistributedDataParallel`` wrapper: it keeps
+    DDP's launch, process group and epoch-level collectives, and Lightning treats it as DDP wherever it asks (the
+    ``DistributedSampler``, ``trainer.fit(torch.compile(model))``).
 
     Args:
         window: local optimizer steps between two commits (λ). ``None`` picks the thesis' heuristic
@@ -114,6 +109,9 @@ class ADAGStrategy(ParallelStrategy):
             cluster_environment=cluster_environment,
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
         )
         self.algorithm = resolve_algorithm(algorithm, window)
         if transport not in _TRANSPORTS:
@@ -136,61 +134,23 @@ class ADAGStrategy(ParallelStrategy):
         self._external_server = server
         self._server_port = server_port
         self._key = b""
-        self._start_method = start_method
         self._server_timeout = server_timeout
         self._compression = None if compression is None else COMPRESSIONS[compression]
         self._error_feedback = error_feedback
         self._overlap = overlap
-        self._process_group_backend = process_group_backend
-        self._timeout = timeout
-        self._num_nodes = 1
         self._server: ServerProcess | None = None
         self._server_address: str | None = None
         self.worker: Worker | None = None
-        self.checkpoint_clock = 0
-        self.checkpoint_server_state: dict[str, Tensor] = {}
-        self.checkpoint_center: dict[str, Any] | None = None
-
-    # ----------------------------------------------------------------------------------------------- topology
-    @property
-    @override
-    def root_device(self) -> torch.device:
-        assert self.parallel_devices is not None
-        return self.parallel_devices[self.local_rank]
-
-    @property
-    def num_nodes(self) -> int:
-        return self._num_nodes
-
-    @num_nodes.setter
-    def num_nodes(self, num_nodes: int) -> None:
-        self._num_nodes = num_nodes
-
-    @property
-    def num_processes(self) -> int:
-        return len(self.parallel_devices) if self.parallel_devices is not None else 0
-
-    @property
-    def is_distributed(self) -> bool:
-        """Read by the Trainer to inject a ``DistributedSampler``: each worker trains on its own shard."""
-        return True
-
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
-
-    @property
-    def process_group_backend(self) -> str | None:
-        return self._process_group_backend
+        self._record = CenterRecord()  # what the next checkpoint saves beside the weights
+        self._restored = CenterRecord()  # what the checkpoint this run resumes from saved
 
     @override
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
-        if self.num_nodes > 1 and self._transport == "shm":
+        if self.num_nodes > 1 and TRANSPORTS[self.transport].local_only:
             raise ValueError(
-                f"transport='shm' needs every worker on one machine, but num_nodes={self.num_nodes}: use"
-                " transport='tcp' or 'auto'"
+                f"transport={self.transport!r} needs every worker on one machine, but num_nodes={self.num_nodes}:"
+                " use transport='tcp' or 'auto'"
             )
         if self._start_method == "popen":
             self._launcher = _CheckingSubprocessLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
@@ -200,26 +160,40 @@ class ADAGStrategy(ParallelStrategy):
     # ----------------------------------------------------------------------------------------------- lifecycle
     @override
     def setup_environment(self) -> None:
-        super().setup_environment()
         self._ensure_callback(self.lightning_module.trainer)
+        super().setup_environment()
+
+    @override
+    def setup_distributed(self) -> None:
+        """DDP's process group, with the server started before it (it starts while the other workers still start
+        up and meet in the rendezvous) and its address and key shared through it."""
         if self._external_server is None and self.is_global_zero:
-            # starts while the other workers still start up and meet in the rendezvous
             self._key = auth.new_key().encode()
-            self._server = ServerProcess.start(self._key.decode(), *self._server_bind_address())
-        self._setup_distributed()
+            self._server = ServerProcess.start(self._key.decode(), self.transport, self._server_bind_address())
+        super().setup_distributed()
+        atexit.unregister(_destroy_process_group)  # once per process, however many times the Trainer sets up
+        atexit.register(_destroy_process_group)
         self._server_address, self._key = self._share_server_address()
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
+        if self._layer_sync is not None:
+            rank_zero_warn(
+                "Trainer(sync_batchnorm=True) is ignored by strategy='adag': synchronizing batch statistics at every"
+                " step would make every worker wait for the slowest. Each worker normalizes with its own batch's"
+                " statistics, and the running statistics travel with the commits, handed from worker to worker."
+            )
+            self._layer_sync = None
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         check_asynchrony(trainer)
+        restored, self._restored = self._restored, CenterRecord()
         if self._evaluates_checkpoint(trainer):
             self.worker = None  # the checkpoint holds a center saved by this strategy: evaluate exactly that
         else:
-            self.worker = self._join_server(trainer)
+            self.worker = self._join_server(trainer, restored)
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
@@ -228,17 +202,11 @@ class ADAGStrategy(ParallelStrategy):
         disable_lockstep(trainer)
 
     @override
-    def model_to_device(self) -> None:
-        assert self.model is not None
-        self.model.to(self.root_device)
-
-    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The center variable (not this worker's parameters), as a state dict; its clock, the algorithm's
-        server-side state at that same clock and, when the model holds it rounded, the center itself go to
-        ``checkpoint_clock``, ``checkpoint_server_state`` and ``checkpoint_center``, so the callback saves them in
-        the same checkpoint. Once the worker is gone (after ``fit``) they describe the final center the model
-        holds (see :meth:`record_final_center`)."""
+        """The center variable (not this worker's parameters), as a state dict. Its clock, the algorithm's
+        server-side state at that same clock and, when the model holds it rounded, the center itself are recorded
+        for :meth:`save_checkpoint`. Once the worker is gone (after ``fit``) the record describes the final center
+        the model holds (see :meth:`record_final_center`)."""
         if self.worker is None:
             return super().lightning_module_state_dict()
         showing = self.worker.shown_clock is not None
@@ -256,15 +224,24 @@ class ADAGStrategy(ParallelStrategy):
 
     def _record_shown_center(self) -> None:
         """Show the center (unless it is shown) and record its clock, the server state at that clock and the exact
-        center in the ``checkpoint_*`` attributes."""
+        center for the next checkpoint."""
         clock = self.worker.shown_clock if self.worker.shown_clock is not None else self.worker.show_center()
         state_clock, server_state = self.worker.server_state()
         while state_clock not in (None, clock):  # a commit came between the two reads: show the newer center
             clock = self.worker.show_center()
             state_clock, server_state = self.worker.server_state()
-        self.checkpoint_clock, self.checkpoint_server_state = clock, server_state
-        exact, layout = self.worker.exact_center, self.worker.flat.layout
-        self.checkpoint_center = None if exact is None else {"layout": layout.to_json(), "values": exact}
+        self._record = CenterRecord(clock, server_state, self.worker.exact_center, self.worker.flat.layout)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        self._record.save(checkpoint)
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        self._restored = CenterRecord.load(checkpoint)
+        return checkpoint
 
     @override
     def teardown(self) -> None:
@@ -276,28 +253,6 @@ class ADAGStrategy(ParallelStrategy):
             self._server = None
         super().teardown()
 
-    # ----------------------------------------------------------------------------------------- control plane
-    @override
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        if _distributed_is_initialized():
-            torch.distributed.barrier()
-
-    @override
-    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
-        if not _distributed_is_initialized():
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src, group=_group.WORLD)
-        return box[0]
-
-    @override
-    def reduce(
-        self, tensor: Tensor | Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
-    ) -> Tensor | Any:
-        if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
-        return tensor
-
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
@@ -308,28 +263,9 @@ class ADAGStrategy(ParallelStrategy):
             strategy_registry.register(name, cls, description=description, override=True, algorithm=name)
 
     # ----------------------------------------------------------------------------------------------- helpers
-    def _setup_distributed(self) -> None:
-        reset_seed()
-        self.set_world_ranks()
-        if self._process_group_backend is None:
-            self._process_group_backend = _get_default_process_group_backend_for_device(self.root_device)
-        assert self.cluster_environment is not None
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, timeout=self._timeout)
-        atexit.unregister(_destroy_process_group)  # once per process, however many times the Trainer sets up
-        atexit.register(_destroy_process_group)
-
-    def set_world_ranks(self) -> None:
-        if self.cluster_environment is not None:
-            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
-            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
-
     def _ensure_callback(self, trainer: pl.Trainer) -> None:
         if not any(isinstance(cb, ADAGCallback) for cb in trainer.callbacks):
             trainer.callbacks.insert(0, ADAGCallback())
-
-    def _callback(self, trainer: pl.Trainer) -> ADAGCallback:
-        return next(cb for cb in trainer.callbacks if isinstance(cb, ADAGCallback))
 
     @property
     def transport(self) -> str:
@@ -338,15 +274,15 @@ class ADAGStrategy(ParallelStrategy):
             return self._transport
         return "tcp" if self._external_server is not None or self.num_nodes > 1 else "shm"
 
-    def _server_bind_address(self) -> tuple[str | None, int]:
-        """Where the server this run starts listens: a Unix socket for shm; for tcp, loopback on one node and
-        the cluster's main address on several, at ``server_port`` (default: main port + 1)."""
-        if self.transport == "shm":
-            return None, 0
+    def _server_bind_address(self) -> str | None:
+        """Where the server this run starts listens: for tcp, loopback on one node and the cluster's main address
+        on several, at ``server_port`` (default: main port + 1); for a local transport, a new address of its own."""
+        if TRANSPORTS[self.transport].local_only:
+            return None
         assert self.cluster_environment is not None
         host = self.cluster_environment.main_address if self.num_nodes > 1 else "127.0.0.1"
         port = self._server_port if self._server_port is not None else self.cluster_environment.main_port + 1
-        return host, port
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     @staticmethod
     def _evaluates_checkpoint(trainer: pl.Trainer) -> bool:
@@ -371,7 +307,7 @@ class ADAGStrategy(ParallelStrategy):
             raise RuntimeError(f"global rank 0 could not start the parameter server: {detail}")
         return detail, key
 
-    def _join_server(self, trainer: pl.Trainer) -> Worker:
+    def _join_server(self, trainer: pl.Trainer, restored: CenterRecord) -> Worker:
         """Lay the model out flat, connect, and start every worker from the same center.
 
         Rank 0 offers its parameters (already restored from ``ckpt_path``, if any) and the checkpoint's clock as the
@@ -399,41 +335,38 @@ class ADAGStrategy(ParallelStrategy):
             client.close()
             raise
         try:
-            self._start_from_one_center(trainer, worker)
+            self._start_from_one_center(trainer, worker, restored)
         except BaseException:
             worker.close()  # teardown never sees a worker that did not finish joining
             raise
         return worker
 
-    def _start_from_one_center(self, trainer: pl.Trainer, worker: Worker) -> None:
-        callback = self._callback(trainer)
+    def _start_from_one_center(self, trainer: pl.Trainer, worker: Worker, restored: CenterRecord) -> None:
         if self.is_global_zero:
-            center = _restored_center(callback.restored_center, worker.flat.layout)
-            receipt = worker.offer_initial_center(callback.restored_clock, callback.restored_server_state, center)
-            if trainer.ckpt_path is not None and receipt.clock != callback.restored_clock:
+            center = _restored_center(restored, worker.flat.layout)
+            receipt = worker.offer_initial_center(restored.clock, restored.server_state, center)
+            if trainer.ckpt_path is not None and receipt.clock != restored.clock:
                 rank_zero_warn(
                     f"the server already holds a center (clock {receipt.clock}), so it replaces the weights restored"
-                    f" from {trainer.ckpt_path} (clock {callback.restored_clock}); the optimizer state is restored"
+                    f" from {trainer.ckpt_path} (clock {restored.clock}); the optimizer state is restored"
                 )
-        # consumed (or, off rank 0, not needed): a later fit starts anew
-        callback.restored_clock, callback.restored_server_state, callback.restored_center = 0, {}, None
         self.barrier("adag_center_initialized")
-        self.checkpoint_clock = worker.reset_to_center().clock
+        self._record = CenterRecord(worker.reset_to_center().clock)
         self.barrier("adag_center_pulled")
 
 
-def _restored_center(saved: dict[str, Any] | None, layout: Layout) -> Tensor | None:
+def _restored_center(restored: CenterRecord, layout: Layout) -> Tensor | None:
     """The exact center a checkpoint holds next to the model's rounded weights, if it was saved for this layout."""
-    if saved is None:
+    if restored.exact_center is None:
         return None
-    if Layout.from_json(saved["layout"]) != layout:
+    if restored.exact_layout != layout:
         rank_zero_warn(
             "the checkpoint's full-precision center belongs to another model layout (different parameters, frozen"
             " set, or float64 against float32); the server starts from the checkpoint's model weights instead, as"
             " saved"
         )
         return None
-    return saved["values"]
+    return restored.exact_center
 
 
 class _ChecksModelBeforeLaunch:

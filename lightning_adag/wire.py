@@ -4,9 +4,11 @@ Every frame is a fixed 32-byte header followed by ``length`` payload bytes::
 
     magic "ADAG" | version u8 | type u8 | dtype u8 | reserved u8 | a i64 | b i64 | length u64   (network order)
 
-``a`` and ``b`` carry the message's integers (clocks, step counts). Control payloads (handshake, statistics,
-errors) are UTF-8 JSON or raw bytes and small. Tensor payloads (``dtype`` != 0) are the raw bytes of a flat
-vector, received with ``recv_into`` straight into a preallocated buffer. Nothing is ever unpickled.
+``a`` and ``b`` carry the message's integers, named per frame kind in :data:`FIELDS` (a COMMIT's
+``pulled_clock`` and ``steps``, a CENTER's ``clock`` and ``staleness``); code reads and writes them by those names.
+Control payloads (handshake, statistics, errors) are UTF-8 JSON or raw bytes and small. Tensor payloads
+(``dtype`` != 0) are the raw bytes of a flat vector, received with ``recv_into`` straight into a preallocated
+buffer. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -35,18 +37,36 @@ class Kind(enum.IntEnum):
     AUTH_OK = 3  # server -> peer, HMAC of the peer's nonce (the server knows the key too)
     HELLO = 4  # worker -> server, JSON {rank, layout, algorithm}; answered by WELCOME
     WELCOME = 5  # server -> worker, JSON {mailbox (shared memory only), initialized, clock}
-    INIT = 6  # worker -> server, a = clock, the vector; sets the center if the server holds none; answered by CENTER
-    COMMIT = (
-        7  # worker -> server, a = pulled clock, b = steps, dtype = the delta's, a commit payload; answered by CENTER
-    )
+    INIT = 6  # worker -> server, the vector; sets the center if the server holds none; answered by CENTER
+    COMMIT = 7  # worker -> server, dtype = the delta's, a commit payload; answered by CENTER
     PULL = 8  # worker -> server; answered by CENTER
-    CENTER = 9  # server -> worker, a = clock, b = staleness of the commit (0 otherwise), the center
+    CENTER = 9  # server -> worker, the center
     STATS = 10  # worker -> server; answered by REPORT
     REPORT = 11  # server -> worker, JSON statistics
     ERROR = 12  # either way, UTF-8 message; the sender closes the connection after it
-    GET_STATE = 13  # worker -> server, a = index of an algorithm state vector; answered by STATE
-    PUT_STATE = 14  # worker -> server, a = index, the vector (trainable region); taken only before INIT
-    STATE = 15  # server -> worker, a = clock, b = 1 if taken (PUT_STATE); the vector (GET_STATE)
+    GET_STATE = 13  # worker -> server, which algorithm state vector; answered by STATE
+    PUT_STATE = 14  # worker -> server, the vector (trainable region); taken only before INIT
+    STATE = 15  # server -> worker, the vector (GET_STATE), or whether it was taken (PUT_STATE)
+
+
+#: The names of a header's two integers (``a``, ``b``), by frame kind; kinds not listed carry none.
+FIELDS: dict[Kind, tuple[str, str]] = {
+    Kind.INIT: ("clock", ""),  # the clock the offered center stands at
+    Kind.COMMIT: ("pulled_clock", "steps"),  # the center the window started from, the local steps it holds
+    Kind.CENTER: ("clock", "staleness"),  # the center's clock; for a commit's reply, its staleness (else 0)
+    Kind.GET_STATE: ("index", ""),  # which of the algorithm's state vectors
+    Kind.PUT_STATE: ("index", ""),
+    Kind.STATE: ("clock", "taken"),  # the clock the vector belongs to; 1 if a PUT_STATE was taken
+}
+
+
+def pack_fields(kind: Kind, **values: int) -> tuple[int, int]:
+    """``a`` and ``b`` of a ``kind`` header from its named fields (missing ones are 0)."""
+    names = FIELDS.get(kind, ("", ""))
+    unknown = set(values) - set(names) - {""}
+    if unknown:
+        raise TypeError(f"a {kind.name} frame has no field {sorted(unknown)} (it has {[n for n in names if n]})")
+    return tuple(int(values.get(name, 0)) if name else 0 for name in names)  # type: ignore[return-value]
 
 
 class ProtocolError(Exception):
@@ -68,6 +88,23 @@ class Header:
     a: int
     b: int
     length: int
+
+    def __getattr__(self, name: str) -> int:
+        """A field by the name its frame kind gives it (``header.pulled_clock`` of a COMMIT), see :data:`FIELDS`."""
+        kind = self.__dict__.get("kind")
+        names = FIELDS.get(kind, ("", ""))
+        if name and name in names:
+            return self.a if names[0] == name else self.b
+        raise AttributeError(f"a {getattr(kind, 'name', kind)} header has no field {name!r}")
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The server's answer to a commit or a pull: the clock of the center it handed back, and the commit's
+    staleness (commits applied between the worker's last pull and this commit; 0 for a pull)."""
+
+    clock: int
+    staleness: int = 0
 
 
 @dataclass(frozen=True)
@@ -109,20 +146,22 @@ def dtype_of(header: Header) -> torch.dtype:
 
 
 def send(
-    sock: socket.socket, kind: Kind, a: int = 0, b: int = 0, payload: bytes = b"", dtype: torch.dtype | None = None
+    sock: socket.socket, kind: Kind, payload: bytes = b"", dtype: torch.dtype | None = None, **fields: int
 ) -> None:
-    """A frame with a control payload; ``dtype`` announces a tensor that travels outside the socket (shared
-    memory)."""
-    sock.sendall(encode(kind, a, b, payload, NO_TENSOR if dtype is None else DTYPE_CODES[dtype]))
+    """A frame with a control payload and the named ``fields`` of its kind; ``dtype`` announces a tensor that
+    travels outside the socket (shared memory)."""
+    sock.sendall(
+        encode(kind, *pack_fields(kind, **fields), payload, NO_TENSOR if dtype is None else DTYPE_CODES[dtype])
+    )
 
 
 def send_tensor(
-    sock: socket.socket, kind: Kind, tensor: Tensor, a: int = 0, b: int = 0, dtype: torch.dtype | None = None
+    sock: socket.socket, kind: Kind, tensor: Tensor, dtype: torch.dtype | None = None, **fields: int
 ) -> None:
     """A frame whose payload is ``tensor``'s bytes, sent from the tensor's memory. ``dtype`` is the dtype the frame
     announces when it differs from the tensor's (the bytes of a mixed-dtype commit payload)."""
     code = DTYPE_CODES[dtype or tensor.dtype]
-    sock.sendall(HEADER.pack(MAGIC, VERSION, int(kind), code, 0, a, b, tensor.nbytes))
+    sock.sendall(HEADER.pack(MAGIC, VERSION, int(kind), code, 0, *pack_fields(kind, **fields), tensor.nbytes))
     sock.sendall(byte_view(tensor))
 
 

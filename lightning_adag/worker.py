@@ -11,8 +11,8 @@ from lightning_adag import kernels
 from lightning_adag.algorithms import Algorithm
 from lightning_adag.flat import FlatState
 from lightning_adag.payload import CommitPayload
-from lightning_adag.server.core import Receipt
 from lightning_adag.staging import Staging
+from lightning_adag.wire import Receipt
 
 
 def check_overlappable(algorithm: Algorithm) -> None:
@@ -25,7 +25,8 @@ def check_overlappable(algorithm: Algorithm) -> None:
 
 
 class Worker:
-    """Runs the worker half of the algorithm on a model laid out as a :class:`FlatState`.
+    """Runs a worker's side of every exchange with the server, on a model laid out as a :class:`FlatState`: the
+    algorithm says what to commit (:meth:`Algorithm.worker_delta`), the worker sends it and starts the next window.
 
     ``client`` is any transport client (see :mod:`lightning_adag.transports`). Between commits, the worker can
     *show* the center (for validation or a checkpoint) without losing its window: θ is stashed and put back
@@ -116,21 +117,35 @@ class Worker:
         return self.install(self.fetch())
 
     def commit(self, steps: int) -> Receipt | None:
-        """End a window of ``steps`` local optimizer steps with the algorithm's exchange (for most algorithms:
-        commit, then start the next window from the new center). Returns the receipt of the exchange that completed
-        during the call: with ``overlap``, the previous one, if it had not been folded in yet (else None)."""
+        """End a window of ``steps`` local optimizer steps: commit what the algorithm says and, for rules that
+        restart from the center, start the next window from the center the commit brings back (θ ← C, θ⁰ ← C).
+        A rule that keeps its own parameters (AEASGD) measures its commit against the center pulled just before.
+        Returns the receipt of the exchange that completed during the call: with ``overlap``, the previous one, if
+        it had not been folded in yet (else None)."""
         self.resume_window()
-        if self._background is None:
-            receipt = self.algorithm.exchange(self, steps)
-            self.completed.append(receipt)
-            return receipt
-        settled = self.settle()
-        self.algorithm.worker_delta(self.theta, self.theta0, steps, self.outgoing, self.residual)
-        self._write_values()
-        self._theta0.copy_(self.theta)  # until the center arrives, the next window starts here
-        self._values0.copy_(self.flat.vector[self.flat.trainable :])
-        self._in_flight = self._background.submit(self._exchange, self.pulled_clock, steps)
-        return settled
+        if self._background is not None:
+            settled = self.settle()
+            self._write_payload(self._theta0, steps)
+            self._theta0.copy_(self.theta)  # until the center arrives, the next window starts here
+            self._values0.copy_(self.flat.vector[self.flat.trainable :])
+            self._in_flight = self._background.submit(self._exchange, self.pulled_clock, steps)
+            return settled
+        restarts = self.algorithm.restarts_from_center
+        if restarts:
+            self._write_payload(self._theta0, steps)
+            clock = self.pulled_clock
+        else:
+            clock = self.fetch().clock
+            self._write_payload(self.center, steps)
+            self._staging.center_consumed()
+        self._link()
+        receipt = self._exchange(clock, steps)
+        if restarts:
+            self.install(receipt)
+        else:
+            self.pulled_clock = receipt.clock
+        self.completed.append(receipt)
+        return receipt
 
     def poll(self) -> Receipt | None:
         """With ``overlap``: fold in the center of the exchange in flight if it has arrived (never waits)."""
@@ -152,7 +167,6 @@ class Worker:
         self.completed.append(receipt)
         return receipt
 
-    # The primitives an algorithm's exchange is made of.
     @property
     def theta(self) -> Tensor:
         """The local trainable parameters θ (one flat view)."""
@@ -162,11 +176,6 @@ class Worker:
     def theta0(self) -> Tensor:
         """θ⁰: the trainable parameters as pulled at the start of the window."""
         return self._theta0
-
-    @property
-    def outgoing(self) -> Tensor:
-        """Where to write the trainable part of a commit, on θ's device, in the wire dtype."""
-        return self._staging.delta
 
     @property
     def residual(self) -> Tensor | None:
@@ -183,14 +192,6 @@ class Worker:
         receipt = self._link().pull()
         self._staging.download()
         return receipt
-
-    def send(self, pulled_clock: int, steps: int) -> Receipt:
-        """Commit :attr:`outgoing` (with this worker's frozen parameters and buffers, which travel by value) as a
-        window of ``steps`` steps that started from the center at ``pulled_clock``. θ is untouched until
-        :meth:`install`."""
-        self._write_values()
-        self._link()
-        return self._exchange(pulled_clock, steps)
 
     def install(self, receipt: Receipt) -> Receipt:
         """Start a window from the center the last exchange brought: θ ← C, θ⁰ ← C (one fused pass)."""
@@ -232,8 +233,10 @@ class Worker:
         self._staging.close()
 
     # ------------------------------------------------------------------------------------------- helpers
-    def _write_values(self) -> None:
-        """The part of a commit that travels by value: frozen parameters and floating-point buffers."""
+    def _write_payload(self, reference: Tensor, steps: int) -> None:
+        """A commit's payload: the algorithm's delta for the trainable region (see :meth:`Algorithm.worker_delta`),
+        then the frozen parameters and floating-point buffers, which travel by value."""
+        self.algorithm.worker_delta(self.theta, reference, steps, self._staging.delta, self._residual)
         self._staging.values.copy_(self.flat.vector[self.flat.trainable :])
         self._staging.payload_written()
 

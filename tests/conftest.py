@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from lightning_adag.server.launch import ServerProcess
 
 SCRIPTS = Path(__file__).parent / "scripts"
 SHM = Path("/dev/shm")
@@ -48,6 +51,18 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@contextlib.contextmanager
+def running_server(transport: str = "shm", key: str = "k", options: tuple[str, ...] = ()):
+    """A server process of the tests' own (a server runs the one algorithm and model its first worker names),
+    ready, and stopped afterwards whatever happens."""
+    server = ServerProcess.start(key, transport, log_level="ERROR", options=options)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 class ScriptRun:

@@ -94,7 +94,7 @@ def test_aeasgd_exchange_matches_the_elastic_formula_on_hand_computed_tensors():
     core = core_with({"name": "aeasgd"}, [3.0, -2.0])
     algorithm = AEASGD(window=4, rho=5.0, elastic_lr=0.01)
     worker = local_worker(core, theta=[1.0, 2.0], algorithm=algorithm)
-    receipt = algorithm.exchange(worker, steps=4)
+    receipt = worker.commit(4)
     expected = torch.tensor([-0.1, 0.2], dtype=torch.float64)
     torch.testing.assert_close(worker.theta, torch.tensor([1.0, 2.0], dtype=torch.float64) - expected)  # θ − E
     torch.testing.assert_close(core.center, torch.tensor([3.0, -2.0], dtype=torch.float64) + expected)  # C + E

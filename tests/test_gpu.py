@@ -6,29 +6,18 @@ worker and from a GPU worker against real servers and compare the centers they p
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
+from conftest import running_server
 from test_worker import make_model
 from torch import nn
 
 from lightning_adag.algorithms import ADAG
 from lightning_adag.flat import FlatState
-from lightning_adag.server.launch import ServerProcess
 from lightning_adag.transports import connect
 from lightning_adag.worker import Worker
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@contextlib.contextmanager
-def serving(transport: str):
-    server = ServerProcess.start("k", host="127.0.0.1" if transport == "tcp" else None, log_level="ERROR")
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
 
 
 def big_model() -> nn.Module:
@@ -40,10 +29,12 @@ def big_model() -> nn.Module:
 
 def exchanges(device: str, transport: str, compression: torch.dtype | None, overlap: bool, model=make_model):
     """Twelve steps of made-up local progress, a commit every two, on a fresh server; the final center."""
-    with serving(transport) as address:
+    with running_server(transport) as server:
         flat = FlatState(model().to(device))
         algorithm = ADAG(2)
-        client = connect(transport, address, 0, flat.layout, algorithm.spec(), b"k", 30, pin_memory=device == "cuda")
+        client = connect(
+            transport, server.address, 0, flat.layout, algorithm.spec(), b"k", 30, pin_memory=device == "cuda"
+        )
         worker = Worker(flat, client, algorithm, compression, error_feedback=True, overlap=overlap)
         try:
             worker.offer_initial_center(0)

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import adag_leftovers
+from conftest import adag_leftovers, running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -37,11 +37,10 @@ THREE_SHARDS = ("--shard-mib", repr(16 / 2**20))
 
 
 class Server:
-    def __init__(self, transport: str) -> None:
-        self.transport = transport
-        host = "127.0.0.1" if transport == "tcp" else None
-        self.process = ServerProcess.start(KEY, host=host, log_level="ERROR", options=THREE_SHARDS)
-        self.address = self.process.wait_ready()
+    """A running server process and what the tests do with it."""
+
+    def __init__(self, transport: str, process: ServerProcess) -> None:
+        self.transport, self.process, self.address = transport, process, process.address
 
     def connect(self, rank=0, layout=LAYOUT, key=KEY):
         return connect(self.transport, self.address, rank, layout, ADAG, key.encode(), timeout=30)
@@ -72,13 +71,13 @@ def assert_unchanged(before: tuple[torch.Tensor, int], after: tuple[torch.Tensor
 @pytest.fixture(scope="module", params=["shm", "tcp"])
 def server(request):
     before = adag_leftovers()
-    server = Server(request.param)
-    first = server.connect()
-    first.mailbox.copy_(torch.arange(10, dtype=torch.float32))
-    first.initialize(0)
-    yield server
-    first.close()
-    server.process.stop()
+    with running_server(request.param, KEY, THREE_SHARDS) as process:
+        server = Server(request.param, process)
+        first = server.connect()
+        first.mailbox.copy_(torch.arange(10, dtype=torch.float32))
+        first.initialize(0)
+        yield server
+        first.close()
     assert server.process.process.returncode == 0
     assert not adag_leftovers() - before
 

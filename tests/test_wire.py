@@ -18,7 +18,7 @@ int64 = st.integers(-(2**63), 2**63 - 1)
 def test_frames_round_trip_through_a_socket(kind, a, b, payload):
     left, right = socket.socketpair()
     with left, right:
-        wire.send(left, kind, a, b, payload)
+        left.sendall(wire.encode(kind, a, b, payload))
         assert wire.recv(right) == wire.Frame(kind, a, b, payload)
 
 
@@ -56,13 +56,34 @@ def test_tensor_frames_round_trip_into_a_preallocated_buffer(dtype, numel, clock
     out = torch.empty(numel, dtype=dtype)
     left, right = socket.socketpair()
     with left, right:
-        sender = threading.Thread(target=wire.send_tensor, args=(left, wire.Kind.COMMIT, tensor, clock, steps))
+        fields = {"pulled_clock": clock, "steps": steps}
+        sender = threading.Thread(target=wire.send_tensor, args=(left, wire.Kind.COMMIT, tensor), kwargs=fields)
         sender.start()
         header = wire.read_header(right, max_payload=tensor.nbytes)
         wire.read_tensor_into(right, header, out)
         sender.join()
-    assert (header.kind, header.a, header.b) == (wire.Kind.COMMIT, clock, steps)
+    assert (header.kind, header.pulled_clock, header.steps) == (wire.Kind.COMMIT, clock, steps)
     assert torch.equal(out, tensor)
+
+
+@given(st.sampled_from(list(wire.FIELDS)), int64, int64)
+def test_named_fields_round_trip_for_every_kind_that_has_them(kind, first, second):
+    names = wire.FIELDS[kind]
+    values = {name: value for name, value in zip(names, (first, second)) if name}
+    left, right = socket.socketpair()
+    with left, right:
+        wire.send(left, kind, **values)
+        header = wire.read_header(right)
+    assert {name: getattr(header, name) for name in values} == values
+    assert (header.a, header.b) == (first, second if names[1] else 0)
+
+
+def test_a_field_another_kind_names_is_refused_both_ways():
+    with pytest.raises(TypeError, match="COMMIT frame has no field"):
+        wire.pack_fields(wire.Kind.COMMIT, staleness=1)
+    header = wire.decode_header(wire.encode(wire.Kind.PULL))
+    with pytest.raises(AttributeError, match="PULL header has no field 'clock'"):
+        getattr(header, "clock")  # noqa: B009
 
 
 def test_a_tensor_of_another_size_or_dtype_is_refused_before_reading_it():

@@ -2,38 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import threading
 import time
 
 import pytest
 import torch
+from conftest import running_server
 from torch import nn
 
 from lightning_adag.algorithms import ADAG, AEASGD, DOWNPOUR
+from lightning_adag.checkpoint import CenterRecord
 from lightning_adag.flat import FlatState
-from lightning_adag.server.launch import ServerProcess
 from lightning_adag.strategy import _restored_center
 from lightning_adag.transports import connect
 from lightning_adag.wire import ServerRefusedError
 from lightning_adag.worker import Worker
 
 
-@contextlib.contextmanager
-def own_server():
-    """A server process of its own: a server runs the one algorithm its first worker names."""
-    server = ServerProcess.start("k", log_level="ERROR")
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
 def server():
-    with own_server() as server:
+    with running_server() as server:
         yield server
 
 
@@ -91,7 +80,7 @@ def test_downpour_with_one_worker_is_plain_local_training_step_for_step(overlap)
     """Overlapped, the worker folds each center in one window late (θ += C − θ⁰, and the same for running
     statistics): with one worker C is exactly where the worker stood at its commit, so it still trains exactly as
     if alone, buffers included."""
-    with own_server() as server:
+    with running_server() as server:
         _check_downpour_is_local_training(server, overlap, batchnorm=True)
 
 
@@ -118,7 +107,7 @@ def _check_downpour_is_local_training(server, overlap=False, batchnorm=False):
 
 def test_staleness_scaling_is_a_no_op_for_a_lone_worker_even_when_it_peeks_at_the_center():
     # one worker: the center it commits onto is the center it pulled, so every factor is 1 and ADAG(gamma) is ADAG
-    with own_server() as server:
+    with running_server() as server:
         model = make_model()
         worker = join(server, model, window=None, algorithm=ADAG(window=2, gamma=1e-4))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -137,7 +126,7 @@ def test_server_state_travels_to_a_new_server_with_the_initial_center():
     algorithm = ADAG(window=2, outer_momentum=0.9)
     states = []
     for _ in range(2):
-        with own_server() as server:
+        with running_server() as server:
             model = make_model()
             flat = FlatState(model)
             worker = Worker(flat, connect_to(server, flat, algorithm), algorithm)
@@ -246,7 +235,7 @@ def test_a_diverged_worker_is_refused_on_a_16_bit_wire_too(server, wire):
 
 def test_only_an_algorithm_that_commits_a_window_delta_keeps_a_residual():
     """AEASGD rounds its elastic term before applying it: nothing to feed back, so no model-sized residual."""
-    with own_server() as server:
+    with running_server() as server:
         worker = join(server, make_model(), window=2, algorithm=AEASGD(2), compression=torch.bfloat16)
         assert worker.residual is None
         worker.close()
@@ -291,7 +280,7 @@ def test_an_overlapped_commit_trains_on_while_the_server_answers(server):
 
 def test_a_bfloat16_model_accumulates_into_a_float32_center():
     """precision="bf16-true": commits far below a bf16 weight's resolution still add up in the center."""
-    with own_server() as server:
+    with running_server() as server:
         model = make_model().to(torch.bfloat16)
         worker = join(server, model, window=8)
         assert worker.flat.layout.dtype == torch.float32 and worker.theta.dtype == torch.bfloat16
@@ -306,10 +295,10 @@ def test_a_bfloat16_model_accumulates_into_a_float32_center():
         assert torch.equal(center, start.float() + 7 * (up.float() - start.float()) / 16)  # a bf16 center: start
         exact = worker.exact_center  # what a checkpoint keeps next to the model's rounded weights
         assert torch.equal(exact[: worker.flat.trainable], center)
-        saved = {"layout": worker.flat.layout.to_json(), "values": exact}
+        saved = CenterRecord(exact_center=exact, exact_layout=worker.flat.layout)
         worker.close()
     for dtype in (torch.bfloat16, torch.float32):  # resuming, as bf16-true or as 32-true: the exact center returns
-        with own_server() as server:
+        with running_server() as server:
             flat = FlatState(make_model().to(dtype))
             worker = Worker(flat, connect_to(server, flat, ADAG(8)), ADAG(8))
             worker.offer_initial_center(7, center=_restored_center(saved, flat.layout))

@@ -1,6 +1,6 @@
 """The parameter server: its core (center, clock, commits), the process that serves it, and how the strategy
 starts and stops one."""
 
-from lightning_adag.server.core import LayoutMismatchError, Receipt, ServerCore
+from lightning_adag.server.core import LayoutMismatchError, ServerCore
 
-__all__ = ["LayoutMismatchError", "Receipt", "ServerCore"]
+__all__ = ["LayoutMismatchError", "ServerCore"]

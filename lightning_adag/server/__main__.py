@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from typing import NoReturn
@@ -23,7 +22,8 @@ from lightning_adag import auth
 from lightning_adag.server.core import SHARD_BYTES, ServerCore
 from lightning_adag.server.service import Service
 from lightning_adag.server.snapshots import Snapshotter
-from lightning_adag.transports import shm
+from lightning_adag.transports import TRANSPORTS
+from lightning_adag.transports.base import Listener
 
 log = logging.getLogger("lightning_adag.server")
 
@@ -37,9 +37,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", help="address to listen on for TCP workers (e.g. 0.0.0.0 or 127.0.0.1)")
     parser.add_argument("--port", type=int, default=29600, help="TCP port (0 picks a free one; default 29600)")
     parser.add_argument("--unix", help="path of a Unix socket for workers on this machine (shared memory)")
+    parser.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="TRANSPORT:WHERE",
+        help=f"listen for workers of a transport ({', '.join(TRANSPORTS)}) at an address in its terms, for example"
+        " tcp:0.0.0.0:29600 or shm:/tmp/adag.sock (repeatable; --host/--port and --unix are shorthands)",
+    )
     parser.add_argument("--checkpoint", help="file for snapshots of the center and clock, restored at start")
     parser.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds between snapshots")
-    parser.add_argument("--shm-prefix", default=f"adag-{os.getpid()}", help="name prefix of mailbox segments")
     parser.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)  # owner's pipe: stop at its EOF
     parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)  # where to say the address once ready
     parser.add_argument(
@@ -47,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=1,
         help="torch intra-op threads for applying commits (default 1: the work is memory-bound, and an OpenMP pool"
-        " competing with the workers for cores made a commit 25x slower in our measurements)",
+        " competes with the workers for cores)",
     )
     parser.add_argument(
         "--shard-mib",
@@ -58,8 +65,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
-    if args.host is None and args.unix is None:
+    if args.host is None and args.unix is None and not args.listen:
         args.host = "127.0.0.1"
+    for endpoint in args.listen:
+        name, _, where = endpoint.partition(":")
+        if name not in TRANSPORTS or not where:
+            parser.error(f"--listen takes TRANSPORT:WHERE with TRANSPORT one of {list(TRANSPORTS)}, got {endpoint!r}")
+    if args.host is not None:
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        args.listen.append(f"tcp:{host}:{args.port}")
+    if args.unix is not None:
+        args.listen.append(f"shm:{args.unix}")
     if args.checkpoint_every <= 0:
         parser.error("--checkpoint-every must be positive")
     if args.threads < 1:
@@ -69,26 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def open_listeners(args: argparse.Namespace) -> list[tuple[socket.socket, str]]:
-    """Bound sockets and the address a worker uses for each: 'host:port' for TCP, the path for Unix."""
-    listeners = []
-    if args.host is not None:
-        tcp = socket.create_server((args.host, args.port), family=_family(args.host))
-        host, port = tcp.getsockname()[:2]
-        listeners.append((tcp, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"))
-    if args.unix is not None:
-        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        umask = os.umask(0o077)  # the socket file is created 0600: only this user's processes may connect
-        try:
-            unix.bind(args.unix)
-        finally:
-            os.umask(umask)
-        listeners.append((unix, args.unix))
-    return listeners
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
+def open_listener(endpoint: str) -> Listener:
+    """A bound listener for ``TRANSPORT:WHERE``."""
+    name, _, where = endpoint.partition(":")
+    return TRANSPORTS[name].listener(where)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -110,17 +110,18 @@ def serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     core = ServerCore(shard_bytes=max(1, round(args.shard_mib * 2**20)))
     snapshotter = Snapshotter(core, args.checkpoint, args.checkpoint_every) if args.checkpoint else None
-    service = Service(core, key, args.shm_prefix)
+    service = Service(core, key)
     stop_snapshots = threading.Event()
     try:
         if snapshotter is not None:
             snapshotter.restore()
             threading.Thread(target=snapshotter.run, args=(stop_snapshots,), daemon=True).start()
         addresses = []
-        for sock, address in open_listeners(args):
-            service.listen(sock)
-            addresses.append(address)
-            log.info("listening on %s", address)
+        for endpoint in args.listen:
+            listener = open_listener(endpoint)
+            service.listen(listener)
+            addresses.append(listener.address)
+            log.info("listening on %s", listener.address)
         if args.ready_fd is not None:
             os.write(args.ready_fd, (json.dumps({"addresses": addresses, "pid": os.getpid()}) + "\n").encode())
             os.close(args.ready_fd)
@@ -137,9 +138,6 @@ def serve(args: argparse.Namespace) -> int:
         service.close()
         if snapshotter is not None:
             snapshotter.save()
-        if args.unix is not None:
-            shm.unlink_quietly(args.unix)
-        shm.remove_segments(args.shm_prefix)
         log.info("stopped")
     return 0
 

@@ -13,19 +13,11 @@ from torch import Tensor
 
 from lightning_adag.algorithms import Algorithm, Commit, server_rule
 from lightning_adag.flat import Layout, all_finite
+from lightning_adag.wire import Receipt
 
 
 class LayoutMismatchError(ValueError):
     """A worker's model does not have the layout of the model the server holds."""
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """The server's answer to a commit or a pull: the clock of the center it handed back, and the commit's
-    staleness (commits applied between the worker's last pull and this commit; 0 for a pull)."""
-
-    clock: int
-    staleness: int = 0
 
 
 @dataclass
@@ -50,7 +42,7 @@ class WorkerRecord:
 
 
 #: Bytes per shard of the center: large enough that handing a lock over costs nothing next to the arithmetic,
-#: small enough that a 20 MB model splits into a few stages that different commits can occupy at once.
+#: small enough that a model of tens of MB splits into a few stages that different commits can occupy at once.
 SHARD_BYTES = 4 * 2**20
 
 

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import select
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_adag import auth
-from lightning_adag.transports import shm
+from lightning_adag.transports import TRANSPORTS
+
+#: Runs ``lightning_adag.server`` without the package's ``__init__``, which imports Lightning to register the
+#: strategy: seconds of start-up and hundreds of MB that a server, which never touches Lightning, does not need.
+_START_WITHOUT_LIGHTNING = (
+    "import sys, types; package = types.ModuleType('lightning_adag'); package.__path__ = [sys.argv.pop(1)];"
+    " sys.modules['lightning_adag'] = package; from lightning_adag.server.__main__ import main; main(sys.argv[1:])"
+)
 
 
 class ServerProcess:
@@ -26,11 +31,11 @@ class ServerProcess:
     Ctrl+C in the terminal reaches the training processes, which then stop it in order, rather than the server first.
     """
 
-    def __init__(self, process: subprocess.Popen, socket_path: Path, shm_prefix: str, lifeline: int, ready: int):
+    def __init__(self, process: subprocess.Popen, transport: str, where: str, lifeline: int, ready: int):
         self.process = process
         self.address = ""
-        self._socket_path = socket_path
-        self._shm_prefix = shm_prefix
+        self._transport = transport
+        self._where = where
         self._lifeline = lifeline
         self._ready = ready
 
@@ -38,22 +43,22 @@ class ServerProcess:
     def start(
         cls,
         key: str,
-        host: str | None = None,
-        port: int = 0,
+        transport: str = "shm",
+        where: str | None = None,
         log_level: str = "WARNING",
         options: Sequence[str] = (),
     ) -> ServerProcess:
-        """Start the process: on a Unix socket of this machine (shared memory) when ``host`` is None, else on TCP
-        ``host:port`` (0 picks a free port). It imports and binds in the background until :meth:`wait_ready`.
-        ``options`` are more ``adag-server`` command-line options (``"--shard-mib", "64"``)."""
-        shm_prefix = f"adag-{os.getpid()}-{secrets.token_hex(4)}"
-        socket_path = Path(tempfile.gettempdir(), f"{shm_prefix}.sock")
+        """Start the process, listening for ``transport``'s workers at ``where`` (an address in that transport's
+        terms: a socket path for shm, ``host:port`` for tcp, port 0 picking a free one; by default a new one of
+        this machine). It imports and binds in the background until :meth:`wait_ready`. ``options`` are more
+        ``adag-server`` command-line options (``"--shard-mib", "64"``)."""
+        where = where or TRANSPORTS[transport].listener.default_where()
         lifeline_read, lifeline_write = os.pipe()
         ready_read, ready_write = os.pipe()
-        listen = ["--unix", str(socket_path)] if host is None else ["--host", host, "--port", str(port)]
+        package = str(Path(__file__).resolve().parents[1])
         command = [
-            sys.executable, "-m", "lightning_adag.server", *listen,
-            "--shm-prefix", shm_prefix,
+            sys.executable, "-c", _START_WITHOUT_LIGHTNING, package,
+            "--listen", f"{transport}:{where}",
             "--lifeline-fd", str(lifeline_read),
             "--ready-fd", str(ready_write),
             "--log-level", log_level,
@@ -75,7 +80,7 @@ class ServerProcess:
         finally:
             os.close(lifeline_read)
             os.close(ready_write)
-        return cls(process, socket_path, shm_prefix, lifeline_write, ready_read)
+        return cls(process, transport, where, lifeline_write, ready_read)
 
     def wait_ready(self, timeout: float = 60.0) -> str:
         """Block until the server listens; return its address."""
@@ -105,8 +110,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        shm.remove_segments(self._shm_prefix)
-        shm.unlink_quietly(self._socket_path)
+        TRANSPORTS[self._transport].listener.clean_up(self._where)
 
 
 def _read_ready_line(fd: int, process: subprocess.Popen, timeout: float) -> dict:

@@ -8,14 +8,12 @@ of a commit changes nothing. A connection that sends anything malformed gets an 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import selectors
 import socket
 import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -23,7 +21,7 @@ from lightning_adag import auth, wire
 from lightning_adag.flat import Layout
 from lightning_adag.payload import CommitPayload
 from lightning_adag.server.core import LayoutMismatchError, ServerCore
-from lightning_adag.transports import shm, tcp
+from lightning_adag.transports.base import Channel, ChannelRefused, Listener
 
 log = logging.getLogger("lightning_adag.server")
 
@@ -38,27 +36,25 @@ _REFUSED = (
     ValueError,
     ArithmeticError,
     RuntimeError,
-    shm.SharedMemoryFullError,
+    ChannelRefused,
 )
 
 
 class Service:
-    """Serves one :class:`ServerCore` on any number of listening sockets: Unix sockets carry the shared-memory
-    transport (mailboxes named ``/dev/shm/<shm_prefix>-w<N>``), TCP sockets carry vectors in their frames."""
+    """Serves one :class:`ServerCore` through any number of transport listeners (see
+    :mod:`lightning_adag.transports`); each connection gets its transport's channel."""
 
-    def __init__(self, core: ServerCore, key: bytes, shm_prefix: str) -> None:
+    def __init__(self, core: ServerCore, key: bytes) -> None:
         self.core = core
         self._key = key
-        self._shm_prefix = shm_prefix
-        self._listeners: list[socket.socket] = []
-        self._ids = itertools.count()
+        self._listeners: list[Listener] = []
         self._connections: set[socket.socket] = set()
         self._guard = threading.Lock()
         self._handshake_slots = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
 
-    def listen(self, sock: socket.socket) -> None:
-        sock.listen(256)
-        self._listeners.append(sock)
+    def listen(self, listener: Listener) -> None:
+        listener.socket.listen(256)
+        self._listeners.append(listener)
 
     def serve(self, lifeline: int | None = None) -> None:
         """Accept workers until the owner is gone, or forever when there is none. The owner holds the write end
@@ -67,7 +63,7 @@ class Service:
         owner = os.getppid()
         with selectors.DefaultSelector() as selector:
             for listener in self._listeners:
-                selector.register(listener, selectors.EVENT_READ, listener)
+                selector.register(listener.socket, selectors.EVENT_READ, listener)
             if lifeline is not None:
                 selector.register(lifeline, selectors.EVENT_READ, None)
             while True:
@@ -80,11 +76,11 @@ class Service:
                     log.info("owner process is gone; shutting down")
                     return
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: Listener) -> None:
         """Start a worker's thread, unless too many peers are still unauthenticated; never let an accept error
         (out of file descriptors, a peer that reset at once) stop the server."""
         try:
-            conn, peer = listener.accept()
+            conn, peer = listener.socket.accept()
         except OSError as err:
             log.warning("accept failed: %s", err)
             time.sleep(0.05)
@@ -94,21 +90,22 @@ class Service:
             conn.close()
             return
         try:
-            threading.Thread(target=self._serve_worker, args=(conn, peer), daemon=True).start()
+            threading.Thread(target=self._serve_worker, args=(conn, peer, listener), daemon=True).start()
         except RuntimeError as err:  # cannot start a thread
             log.warning("refusing %s: %s", peer, err)
             self._handshake_slots.release()
             conn.close()
 
     def close(self) -> None:
-        """Close the listeners and every worker connection (their threads then release their buffers)."""
+        """Close the listeners (removing what they created) and every worker connection (their threads then
+        release their buffers)."""
         for listener in self._listeners:
             listener.close()
         with self._guard:
             for conn in list(self._connections):
                 _shut(conn)
 
-    def _serve_worker(self, conn: socket.socket, peer) -> None:
+    def _serve_worker(self, conn: socket.socket, peer, listener: Listener) -> None:
         with self._guard:
             self._connections.add(conn)
         channel = None
@@ -126,7 +123,7 @@ class Service:
                 rank, layout = int(request["rank"]), Layout.from_json(request["layout"])
                 who = f"worker {rank} ({peer or 'shared memory'})"
                 self.core.configure(layout, dict(request["algorithm"]))
-                channel = self._open_channel(conn, layout)
+                channel = listener.channel(conn, layout)
             finally:
                 watchdog.cancel()
                 self._handshake_slots.release()
@@ -158,41 +155,35 @@ class Service:
                 self._connections.discard(conn)
             conn.close()
 
-    def _open_channel(self, conn: socket.socket, layout: Layout):
-        if conn.family == socket.AF_UNIX:
-            return shm.ShmChannel(Path(shm.SHM_DIR, f"{self._shm_prefix}-w{next(self._ids)}"), layout)
-        tcp.tune(conn)
-        tcp.keep_alive(conn)  # a worker whose machine vanished (no FIN) is dropped, and its buffer freed
-        return tcp.TcpChannel(layout)
-
-    def _answer(self, conn: socket.socket, rank: int, header: wire.Header, channel) -> None:
+    def _answer(self, conn: socket.socket, rank: int, header: wire.Header, channel: Channel) -> None:
         kind, buffer = header.kind, channel.buffer
         trainable = buffer[: self.core.layout.trainable]
         if kind is wire.Kind.COMMIT:
             payload = CommitPayload(self.core.layout, wire.dtype_of(header))
             sent = buffer.view(torch.uint8)[: payload.nbytes]
             channel.receive(conn, header, sent, payload.dtype)
-            if header.b < 1:
-                raise ValueError(f"a commit must cover at least one step, got {header.b}")
+            if header.steps < 1:
+                raise ValueError(f"a commit must cover at least one step, got {header.steps}")
             delta, values = payload.views(sent)
-            receipt = self.core.commit(rank, delta, header.a, out=buffer, values=values)
-            channel.reply(conn, wire.Kind.CENTER, receipt.clock, receipt.staleness, buffer)
+            receipt = self.core.commit(rank, delta, header.pulled_clock, out=buffer, values=values)
+            channel.reply(conn, wire.Kind.CENTER, buffer, clock=receipt.clock, staleness=receipt.staleness)
         elif kind is wire.Kind.INIT:
             channel.receive(conn, header, buffer)
-            self.core.initialize(buffer, header.a)
-            channel.reply(conn, wire.Kind.CENTER, self.core.read(buffer, rank).clock, 0, buffer)
+            self.core.initialize(buffer, header.clock)
+            channel.reply(conn, wire.Kind.CENTER, buffer, clock=self.core.read(buffer, rank).clock)
         elif kind is wire.Kind.PUT_STATE:
             channel.receive(conn, header, trainable)
-            taken = self.core.load_state(header.a, trainable)
-            channel.reply(conn, wire.Kind.STATE, self.core.clock, int(taken), trainable)
+            taken = self.core.load_state(header.index, trainable)
+            channel.reply(conn, wire.Kind.STATE, trainable, clock=self.core.clock, taken=int(taken))
         else:
             frame = wire.read_payload(conn, header)
             if frame.payload:
                 raise wire.ProtocolError(f"{kind.name} carries no payload")
             if kind is wire.Kind.PULL:
-                channel.reply(conn, wire.Kind.CENTER, self.core.read(buffer, rank).clock, 0, buffer)
+                channel.reply(conn, wire.Kind.CENTER, buffer, clock=self.core.read(buffer, rank).clock)
             elif kind is wire.Kind.GET_STATE:
-                channel.reply(conn, wire.Kind.STATE, self.core.read_state(header.a, trainable).clock, 0, trainable)
+                state_clock = self.core.read_state(header.index, trainable).clock
+                channel.reply(conn, wire.Kind.STATE, trainable, clock=state_clock)
             elif kind is wire.Kind.STATS:
                 wire.send(conn, wire.Kind.REPORT, payload=wire.json_payload(self.core.stats()))
             else:

@@ -1,22 +1,20 @@
 """How workers reach the parameter server: ``shm`` (shared memory, one machine) or ``tcp`` (any machine).
 
-Each transport module holds both halves: the worker's client (a :class:`~lightning_adag.transports.client.Client`:
-``mailbox``, ``initialize``, ``commit``, ``pull``, ``get_state``, ``put_state``, ``stats``, ``close``) and the
-server's per-connection channel.
+Each transport is one module holding both halves (see :mod:`lightning_adag.transports.base`): the worker's client
+and the server's listener with its per-connection channel, named together by the module's ``TRANSPORT``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from lightning_adag.transports.client import Client
-from lightning_adag.transports.shm import ShmClient
-from lightning_adag.transports.tcp import TcpClient
+from lightning_adag.transports import shm, tcp
+from lightning_adag.transports.base import Client, Transport
 
-CLIENTS: dict[str, type[Client]] = {"shm": ShmClient, "tcp": TcpClient}
+TRANSPORTS: dict[str, Transport] = {transport.name: transport for transport in (shm.TRANSPORT, tcp.TRANSPORT)}
 
 
 def connect(transport: str, *args: Any, **kwargs: Any) -> Client:
-    """A connected client of ``transport``; the other arguments are :class:`~lightning_adag.transports.client.Client`'s
+    """A connected client of ``transport``; the other arguments are :class:`~lightning_adag.transports.base.Client`'s
     (address, rank, layout, algorithm_spec, key, timeout, pin_memory)."""
-    return CLIENTS[transport](*args, **kwargs)
+    return TRANSPORTS[transport].client(*args, **kwargs)

@@ -12,9 +12,12 @@ leave a segment behind.
 
 from __future__ import annotations
 
+import itertools
 import os
+import secrets
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import torch
@@ -22,12 +25,12 @@ from torch import Tensor
 
 from lightning_adag import wire
 from lightning_adag.flat import Layout
-from lightning_adag.transports.client import Client
+from lightning_adag.transports.base import Channel, ChannelRefused, Client, Listener, Transport
 
 SHM_DIR = Path("/dev/shm")
 
 
-class SharedMemoryFullError(MemoryError):
+class SharedMemoryFullError(ChannelRefused, MemoryError):
     """/dev/shm has no room for another mailbox."""
 
 
@@ -90,16 +93,16 @@ class ShmClient(Client):
         # the server's segment; a GPU worker's staging page-locks it in place (pin_memory is not needed here)
         return map_segment(Path(welcome["mailbox"]), layout.numel, layout.dtype)
 
-    def _send(self, kind: wire.Kind, a: int, b: int, vector: Tensor | None, dtype: torch.dtype | None) -> None:
+    def _send(self, kind: wire.Kind, vector: Tensor | None, dtype: torch.dtype | None, fields: dict[str, int]) -> None:
         # the vector is already in the shared mailbox; the frame only says what it holds
-        wire.send(self._sock, kind, a, b, dtype=None if vector is None else dtype or vector.dtype)
+        wire.send(self._sock, kind, dtype=None if vector is None else dtype or vector.dtype, **fields)
 
     def _receive(self, header: wire.Header, vector: Tensor) -> None:
         if header.length:
             raise wire.ProtocolError(f"a {header.kind.name} frame over shared memory carries no payload")
 
 
-class ShmChannel:
+class ShmChannel(Channel):
     """The server's side of one shared-memory connection: the mailbox segment it created for that worker."""
 
     def __init__(self, path: Path, layout: Layout) -> None:
@@ -123,8 +126,73 @@ class ShmChannel:
                 f"{header.kind.name} announces dtype code {header.dtype}, expected {dtype or vector.dtype}"
             )
 
-    def reply(self, sock: socket.socket, kind: wire.Kind, a: int, b: int, vector: Tensor) -> None:
-        wire.send(sock, kind, a, b)
+    def reply(self, sock: socket.socket, kind: wire.Kind, vector: Tensor, **fields: int) -> None:
+        wire.send(sock, kind, **fields)
 
     def close(self) -> None:
         unlink_quietly(self.path)
+
+
+class ShmListener(Listener):
+    """A Unix socket at the path ``where``, created mode 0600 so that only this user's processes connect. Each
+    connection gets a mailbox segment named after the socket file and this process (``<stem>-<pid>-w<N>``).
+
+    A socket file already at the path is replaced only if nothing answers on it (a server that was killed left
+    it); a live server's is left alone, and closing removes the file only if it is still the one this bound."""
+
+    def __init__(self, where: str) -> None:
+        path = Path(where)
+        _remove_if_stale(path)
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        umask = os.umask(0o077)
+        try:
+            self.socket.bind(str(path))
+        except OSError:
+            self.socket.close()
+            raise
+        finally:
+            os.umask(umask)
+        self.address = str(path)
+        self._bound = path.stat().st_ino
+        self._prefix = f"{path.stem}-{os.getpid()}"
+        self._ids = itertools.count()
+
+    def channel(self, conn: socket.socket, layout: Layout) -> ShmChannel:
+        return ShmChannel(SHM_DIR / f"{self._prefix}-w{next(self._ids)}", layout)
+
+    def close(self) -> None:
+        self.socket.close()
+        path = Path(self.address)
+        try:
+            if path.stat().st_ino == self._bound:
+                unlink_quietly(path)
+        except FileNotFoundError:
+            pass
+        remove_segments(self._prefix)
+
+    @staticmethod
+    def default_where() -> str:
+        return str(Path(tempfile.gettempdir(), f"adag-{os.getpid()}-{secrets.token_hex(4)}.sock"))
+
+    @staticmethod
+    def clean_up(where: str) -> None:
+        unlink_quietly(Path(where))
+        remove_segments(Path(where).stem)
+
+
+def _remove_if_stale(path: Path) -> None:
+    """Unlink a Unix socket file that nothing answers on; leave a live one (binding then fails)."""
+    if not path.is_socket():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        unlink_quietly(path)
+    except OSError:
+        pass
+    finally:
+        probe.close()
+
+
+TRANSPORT = Transport("shm", ShmClient, ShmListener, local_only=True)

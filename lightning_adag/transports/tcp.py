@@ -16,13 +16,15 @@ from torch import Tensor
 
 from lightning_adag import wire
 from lightning_adag.flat import Layout
-from lightning_adag.transports.client import Client
+from lightning_adag.transports.base import Channel, Client, Listener, Transport
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """``"host:port"`` (or ``"[v6]:port"``) -> (host, port), with an error that says what is expected."""
+def split_address(address: str, allow_any_port: bool = False) -> tuple[str, int]:
+    """``"host:port"`` (or ``"[v6]:port"``) -> (host, port), with an error that says what is expected. Port 0
+    (any free port) is an address to listen on, not to connect to."""
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    lowest = 0 if allow_any_port else 1
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
         raise ValueError(f"server address must look like 'host:port', got {address!r}")
     return host.strip("[]"), int(port)
 
@@ -43,11 +45,11 @@ class TcpClient(Client):
     def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
         return torch.zeros(layout.numel, dtype=layout.dtype, pin_memory=self._pin_memory)
 
-    def _send(self, kind: wire.Kind, a: int, b: int, vector: Tensor | None, dtype: torch.dtype | None) -> None:
+    def _send(self, kind: wire.Kind, vector: Tensor | None, dtype: torch.dtype | None, fields: dict[str, int]) -> None:
         if vector is None:
-            wire.send(self._sock, kind, a, b)
+            wire.send(self._sock, kind, **fields)
         else:
-            wire.send_tensor(self._sock, kind, vector, a, b, dtype)
+            wire.send_tensor(self._sock, kind, vector, dtype, **fields)
 
     def _receive(self, header: wire.Header, vector: Tensor) -> None:
         wire.read_tensor_into(self._sock, header, vector)
@@ -79,7 +81,7 @@ def _connect(address: str, timeout: float) -> socket.socket:
         delay = min(delay * 2, 1.0)
 
 
-class TcpChannel:
+class TcpChannel(Channel):
     """The server's side of one TCP connection: a receive buffer the size of the model."""
 
     def __init__(self, layout: Layout) -> None:
@@ -96,8 +98,27 @@ class TcpChannel:
         hold ``dtype`` when that is given: a commit payload)."""
         wire.read_tensor_into(sock, header, vector, dtype)
 
-    def reply(self, sock: socket.socket, kind: wire.Kind, a: int, b: int, vector: Tensor) -> None:
-        wire.send_tensor(sock, kind, vector, a, b)
+    def reply(self, sock: socket.socket, kind: wire.Kind, vector: Tensor, **fields: int) -> None:
+        wire.send_tensor(sock, kind, vector, **fields)
 
-    def close(self) -> None:
-        pass
+
+class TcpListener(Listener):
+    """A TCP socket at ``where``, ``"host:port"`` (port 0 picks a free one)."""
+
+    def __init__(self, where: str) -> None:
+        host, port = split_address(where, allow_any_port=True)
+        self.socket = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        host, port = self.socket.getsockname()[:2]
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def channel(self, conn: socket.socket, layout: Layout) -> TcpChannel:
+        tune(conn)
+        keep_alive(conn)  # a worker whose machine vanished (no FIN) is dropped, and its buffer freed
+        return TcpChannel(layout)
+
+    @staticmethod
+    def default_where() -> str:
+        return "127.0.0.1:0"
+
+
+TRANSPORT = Transport("tcp", TcpClient, TcpListener)

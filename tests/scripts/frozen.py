@@ -5,6 +5,8 @@ import argparse
 import lightning as L
 from lightning.pytorch.demos.boring_classes import BoringModel
 
+import lightning_adag  # noqa: F401  (registers strategy="adag")
+
 parser = argparse.ArgumentParser()
 parser.add_argument("--out")
 parser.parse_args()

@@ -1,8 +1,15 @@
-"""What every transport's client shares: connect, authenticate, introduce the model, and request/answer."""
+"""What every transport is made of: the worker's :class:`Client`, the server's :class:`Listener` and the
+:class:`Channel` it opens per connection, named together by a :class:`Transport`.
+
+A transport is one module that subclasses these three and one entry in ``lightning_adag.transports.TRANSPORTS``;
+the server, the launcher and the command line only ask a transport to listen, to serve a connection, and to clean
+up after a server that was killed.
+"""
 
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -10,7 +17,7 @@ from torch import Tensor
 from lightning_adag import auth, wire
 from lightning_adag.flat import Layout
 from lightning_adag.payload import CommitPayload
-from lightning_adag.server.core import Receipt
+from lightning_adag.wire import Receipt
 
 
 class Client:
@@ -49,7 +56,7 @@ class Client:
     def initialize(self, clock: int) -> Receipt:
         """Offer the mailbox as the initial center at ``clock``; a server that holds a center keeps it. Either
         way the mailbox then holds the server's center."""
-        return Receipt(self._exchange(wire.Kind.INIT, clock, 0, self.mailbox, wire.Kind.CENTER, self.mailbox).a)
+        return Receipt(self._exchange(wire.Kind.INIT, self.mailbox, wire.Kind.CENTER, self.mailbox, clock=clock).clock)
 
     def commit(self, pulled_clock: int, steps: int, payload: CommitPayload | None = None) -> Receipt:
         """Commit the ``payload`` written at the start of the mailbox (see :mod:`lightning_adag.payload`); by
@@ -57,24 +64,30 @@ class Client:
         payload = payload or CommitPayload(self.layout, self.layout.dtype)
         sent = self.mailbox.view(torch.uint8)[: payload.nbytes]
         reply = self._exchange(
-            wire.Kind.COMMIT, pulled_clock, steps, sent, wire.Kind.CENTER, self.mailbox, sent_dtype=payload.dtype
+            wire.Kind.COMMIT,
+            sent,
+            wire.Kind.CENTER,
+            self.mailbox,
+            sent_dtype=payload.dtype,
+            pulled_clock=pulled_clock,
+            steps=steps,
         )
-        return Receipt(reply.a, reply.b)
+        return Receipt(reply.clock, reply.staleness)
 
     def pull(self) -> Receipt:
-        return Receipt(self._exchange(wire.Kind.PULL, 0, 0, None, wire.Kind.CENTER, self.mailbox).a)
+        return Receipt(self._exchange(wire.Kind.PULL, None, wire.Kind.CENTER, self.mailbox).clock)
 
     def get_state(self, index: int) -> Receipt:
         """Copy the server's algorithm state vector number ``index`` into the mailbox's trainable region; the
         receipt names the clock it belongs to."""
         region = self.mailbox[: self.layout.trainable]
-        return Receipt(self._exchange(wire.Kind.GET_STATE, index, 0, None, wire.Kind.STATE, region).a)
+        return Receipt(self._exchange(wire.Kind.GET_STATE, None, wire.Kind.STATE, region, index=index).clock)
 
     def put_state(self, index: int) -> bool:
         """Offer the mailbox's trainable region as the server's algorithm state vector number ``index`` (from a
         checkpoint); the server takes it (True) only while it holds no center yet."""
         region = self.mailbox[: self.layout.trainable]
-        return bool(self._exchange(wire.Kind.PUT_STATE, index, 0, region, wire.Kind.STATE, region).b)
+        return bool(self._exchange(wire.Kind.PUT_STATE, region, wire.Kind.STATE, region, index=index).taken)
 
     def stats(self) -> dict:
         return self._control(wire.Kind.STATS, b"", expect=wire.Kind.REPORT).json()
@@ -97,9 +110,9 @@ class Client:
     def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
         raise NotImplementedError
 
-    def _send(self, kind: wire.Kind, a: int, b: int, vector: Tensor | None, dtype: torch.dtype | None) -> None:
-        """Send a request; ``vector`` (a view of the mailbox, or None) is what it carries to the server, as
-        ``dtype`` (when its bytes hold another dtype than the view's)."""
+    def _send(self, kind: wire.Kind, vector: Tensor | None, dtype: torch.dtype | None, fields: dict[str, int]) -> None:
+        """Send a request with its named header ``fields``; ``vector`` (a view of the mailbox, or None) is what it
+        carries to the server, as ``dtype`` (when its bytes hold another dtype than the view's)."""
         raise NotImplementedError
 
     def _receive(self, header: wire.Header, vector: Tensor) -> None:
@@ -120,17 +133,16 @@ class Client:
     def _exchange(
         self,
         kind: wire.Kind,
-        a: int,
-        b: int,
         sent: Tensor | None,
         expect: wire.Kind,
         received: Tensor,
         sent_dtype: torch.dtype | None = None,
+        **fields: int,
     ) -> wire.Header:
-        """One request carrying ``sent`` (or nothing), answered by an ``expect`` frame whose vector lands in
-        ``received``; returns that frame's header."""
+        """One request carrying ``sent`` (or nothing) and the named header ``fields``, answered by an ``expect``
+        frame whose vector lands in ``received``; returns that frame's header."""
         try:
-            self._send(kind, a, b, sent, sent_dtype)
+            self._send(kind, sent, sent_dtype, fields)
             header = wire.read_header(self._sock, max_payload=max(self.mailbox.nbytes, wire.MAX_CONTROL_PAYLOAD))
             if header.kind is expect:
                 self._receive(header, received)
@@ -162,3 +174,70 @@ class Client:
             f"the parameter server at {self.address} is gone ({type(err).__name__}: {err}) while this worker"
             f" sent {what}; it has probably died, see its log"
         )
+
+
+class ChannelRefused(Exception):
+    """A transport cannot open a channel for this connection (for example, no memory for its buffer)."""
+
+
+class Channel:
+    """The server's side of one worker's connection: ``buffer``, the flat vector requests are received into and
+    replies sent from (the worker's mailbox, or a buffer of the server's), and what the WELCOME frame tells the
+    worker about it."""
+
+    buffer: Tensor
+    welcome: dict
+
+    def attached(self) -> None:
+        """The worker sent its first frame after WELCOME (so it has set up its side of the buffer)."""
+
+    def receive(
+        self, sock: socket.socket, header: wire.Header, vector: Tensor, dtype: torch.dtype | None = None
+    ) -> None:
+        """Complete a request whose vector belongs in ``vector``, a view of :attr:`buffer` (its bytes hold
+        ``dtype`` when that is given: a commit payload)."""
+        raise NotImplementedError
+
+    def reply(self, sock: socket.socket, kind: wire.Kind, vector: Tensor, **fields: int) -> None:
+        """Answer with ``vector`` (a view of :attr:`buffer`) and the named header ``fields``."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """The connection ended: release the buffer."""
+
+
+class Listener:
+    """A server's listening socket for one transport, bound at ``where`` (an address in the transport's own
+    terms), and the channel each accepted connection gets."""
+
+    def __init__(self, where: str) -> None:
+        self.socket: socket.socket
+        self.address: str  # what workers connect to
+        raise NotImplementedError
+
+    def channel(self, conn: socket.socket, layout: Layout) -> Channel:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop listening and remove what this listener created."""
+        self.socket.close()
+
+    @staticmethod
+    def default_where() -> str:
+        """Where a training run's own server listens, when the run does not say."""
+        raise NotImplementedError
+
+    @staticmethod
+    def clean_up(where: str) -> None:
+        """Remove what a server listening at ``where`` leaves behind when it is killed before it can."""
+
+
+@dataclass(frozen=True)
+class Transport:
+    """One way for workers to reach a server, as the registry names it."""
+
+    name: str
+    client: type[Client]
+    listener: type[Listener]
+    #: Whether every worker must run on the server's machine.
+    local_only: bool = False

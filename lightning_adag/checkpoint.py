@@ -1,0 +1,45 @@
+"""What a checkpoint holds besides the model's weights, so that resuming restarts the server where it stood."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from lightning_adag.flat import Layout
+
+#: The checkpoint key of :class:`CenterRecord`.
+KEY = "adag"
+#: Where checkpoints written before the record had a key of its own kept it: the callback's state.
+_CALLBACK_KEY = "ADAGCallback"
+
+
+@dataclass
+class CenterRecord:
+    """The clock of the center a checkpoint's weights hold, the algorithm's server-side state at that same clock
+    (for example an outer optimizer's momentum) and, when the weights hold the center rounded
+    (``precision="bf16-true"``), the center itself with the layout it belongs to."""
+
+    clock: int = 0
+    server_state: dict[str, Tensor] = field(default_factory=dict)
+    exact_center: Tensor | None = None
+    exact_layout: Layout | None = None
+
+    def save(self, checkpoint: dict[str, Any]) -> None:
+        record: dict[str, Any] = {"clock": self.clock, "server_state": self.server_state}
+        if self.exact_center is not None:
+            record["exact_center"] = {"layout": self.exact_layout.to_json(), "values": self.exact_center}
+        checkpoint[KEY] = record
+
+    @classmethod
+    def load(cls, checkpoint: dict[str, Any]) -> CenterRecord:
+        """The record a checkpoint holds; an empty one (clock 0) for a checkpoint of another strategy."""
+        record = checkpoint.get(KEY) or checkpoint.get("callbacks", {}).get(_CALLBACK_KEY) or {}
+        exact = record.get("exact_center")
+        return cls(
+            clock=int(record.get("clock", 0)),
+            server_state=dict(record.get("server_state", {})),
+            exact_center=None if exact is None else exact["values"],
+            exact_layout=None if exact is None else Layout.from_json(exact["layout"]),
+        )
