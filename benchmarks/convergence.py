@@ -1,9 +1,9 @@
 """The paper's convergence comparison on this machine: ADAG against DOWNPOUR, AEASGD, DynSGD and Lightning DDP.
 
     pip install -e ".[benchmarks]"
-    python benchmarks/convergence.py --workers 4 8 16 --windows 10 20 --epochs 40 --out benchmarks/results
+    python benchmarks/convergence.py --workers 4 8 16 --windows 10 20 --epochs 40 --out benchmarks/results/digits
     python benchmarks/convergence.py --dataset augmented --workers 32 --windows 32 --epochs 12 --seeds 0 1 2 \
-        --out benchmarks/results-augmented
+        --out benchmarks/results/augmented-n4-n8-n16-n32
 
 Every configuration trains the paper's MLP (784-1000-2000-1000-10, ReLU) with Adam workers (lr 0.001, batch 128)
 from the same initialization on a fixed data budget (``--epochs`` passes over the training set in total, split
@@ -671,7 +671,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="benchmarks/data", help="where --dataset augmented is generated")
     parser.add_argument("--mnist-dir", help="directory with the four MNIST IDX files (overrides --dataset)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per configuration")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default="benchmarks/results/convergence")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: one configuration, in its own processes
     args = parser.parse_args()
     if args.run:
