@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
+from lightning_adag.lockstep import train_until_data_ends
+
 
 class ADAGCallback(Callback):
     """Counts each worker's local optimizer steps and commits every ``window`` of them.
@@ -39,6 +41,8 @@ class ADAGCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._steps_in_window = 0
         self._last_global_step = trainer.global_step
+        if trainer.strategy.sampler is not None:  # the work follows each worker's speed
+            train_until_data_ends(trainer, lambda: trainer.strategy.sampler.validation_due())
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         trainer.strategy.worker.resume_window()
@@ -52,6 +56,11 @@ class ADAGCallback(Callback):
         else:
             stepped = 1
         self._steps_in_window += stepped
+        sampler = trainer.strategy.sampler
+        if sampler is not None:
+            sampler.batch_trained()
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                sampler.epoch_trained()
         if self._steps_in_window >= trainer.strategy.algorithm.window:
             self._commit(trainer)
         elif stepped:  # an overlapped exchange may have brought its center: fold it between optimizer steps only,
@@ -103,6 +112,8 @@ class ADAGCallback(Callback):
         }
         if self._since_log.staleness.count:  # with overlap, no receipt may have come back yet
             metrics["adag/staleness"] = self._since_log.staleness.mean()
+        if trainer.strategy.sampler is not None:
+            metrics["adag/samples"] = float(trainer.strategy.sampler.trained)
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=name in _PROGRESS_BAR)
         self._since_log = _Means()

@@ -25,9 +25,14 @@ class CenterRecord:
     server_state: dict[str, Tensor] = field(default_factory=dict)
     exact_center: Tensor | None = None
     exact_layout: Layout | None = None
+    #: With dynamic data assignment: the epoch, and the position of its order before which every sample had been
+    #: trained (where a resumed run starts handing out samples again).
+    data: tuple[int, int] | None = None
 
     def save(self, checkpoint: dict[str, Any]) -> None:
         record: dict[str, Any] = {"clock": self.clock, "server_state": self.server_state}
+        if self.data is not None:
+            record["data"] = {"epoch": self.data[0], "position": self.data[1]}
         if self.exact_center is not None:
             record["exact_center"] = {"layout": self.exact_layout.to_json(), "values": self.exact_center}
         checkpoint[KEY] = record
@@ -36,10 +41,11 @@ class CenterRecord:
     def load(cls, checkpoint: dict[str, Any]) -> CenterRecord:
         """The record a checkpoint holds; an empty one (clock 0) for a checkpoint of another strategy."""
         record = checkpoint.get(KEY) or checkpoint.get("callbacks", {}).get(_CALLBACK_KEY) or {}
-        exact = record.get("exact_center")
+        exact, data = record.get("exact_center"), record.get("data")
         return cls(
             clock=int(record.get("clock", 0)),
             server_state=dict(record.get("server_state", {})),
             exact_center=None if exact is None else exact["values"],
             exact_layout=None if exact is None else Layout.from_json(exact["layout"]),
+            data=None if data is None else (int(data["epoch"]), int(data["position"])),
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
+import secrets
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -28,8 +30,9 @@ from lightning_adag.algorithms import ALGORITHMS, Algorithm, resolve_algorithm, 
 from lightning_adag.callback import ADAGCallback
 from lightning_adag.checkpoint import CenterRecord
 from lightning_adag.flat import FlatState, Layout, check_shareable
-from lightning_adag.lockstep import check_asynchrony, disable_lockstep
+from lightning_adag.lockstep import assign_training_data, check_asynchrony, disable_lockstep
 from lightning_adag.payload import COMPRESSIONS
+from lightning_adag.sampling import DynamicSampler, sampler_for
 from lightning_adag.server.launch import ServerProcess
 from lightning_adag.transports import TRANSPORTS, connect
 from lightning_adag.transports.tcp import split_address
@@ -38,6 +41,7 @@ from lightning_adag.worker import Worker, check_overlappable
 log = logging.getLogger(__name__)
 
 _START_METHODS = ("popen", "spawn", "fork", "forkserver")
+_DATA = ("dynamic", "static")
 DRIFT_TIMEOUT = timedelta(hours=24)
 _TRANSPORTS = ("auto", *TRANSPORTS)
 
@@ -76,6 +80,12 @@ class ADAGStrategy(DDPStrategy):
         overlap: run each commit and pull on a background thread while the next window trains, folding the new
             center in when it arrives (θ ← θ + (C − θ⁰), θ⁰ ← C); hides communication at the price of one more
             exchange of staleness. Off by default; not for ``"aeasgd"``.
+        data: ``"dynamic"`` (default): the server hands out each epoch's training samples in chunks as the workers
+            ask for them, so a fast worker trains more of the epoch than a slow one and every sample is trained
+            once; ``"static"``: each worker keeps a fixed ``DistributedSampler`` shard, as under DDP. Where dynamic
+            assignment cannot apply (an ``IterableDataset``, a sampler of the user's, ``max_steps``), the run says
+            so in one line and stays static.
+        chunk: samples per chunk of dynamic assignment; ``None`` picks a few batches.
         process_group_backend, timeout: for the control-plane process group (epoch-level metric sync, barriers).
             Its collectives wait for the slowest worker, which may be epochs behind a fast one, so the default
             timeout is 24 hours rather than DDP's 30 minutes; a worker that dies still fails them at once.
@@ -102,6 +112,8 @@ class ADAGStrategy(DDPStrategy):
         compression: Literal["bf16", "fp16"] | None = None,
         error_feedback: bool = True,
         overlap: bool = False,
+        data: Literal["dynamic", "static"] = "dynamic",
+        chunk: int | None = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -130,6 +142,14 @@ class ADAGStrategy(DDPStrategy):
             raise ValueError(f"compression must be None or one of {sorted(COMPRESSIONS)}, got {compression!r}")
         if overlap:
             check_overlappable(self.algorithm)
+        if data not in _DATA:
+            raise ValueError(f"data must be one of {_DATA}, got {data!r}")
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"chunk must be a positive number of samples or None, got {chunk!r}")
+        self._data = data
+        self._chunk = chunk
+        self._run, self._seed = "", 0  # this run's name on the server and its data order's seed, from rank 0
+        self.sampler: DynamicSampler | None = None  # the training data's, when assigned dynamically
         self._transport = transport
         self._external_server = server
         self._server_port = server_port
@@ -174,6 +194,8 @@ class ADAGStrategy(DDPStrategy):
         atexit.unregister(_destroy_process_group)  # once per process, however many times the Trainer sets up
         atexit.register(_destroy_process_group)
         self._server_address, self._key = self._share_server_address()
+        # runs sharing a standalone server keep apart; every worker orders the epochs by rank 0's seed
+        self._run, self._seed = self.broadcast((secrets.token_hex(8), int(os.getenv("PL_GLOBAL_SEED", 0))))
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -196,6 +218,9 @@ class ADAGStrategy(DDPStrategy):
             self.worker = self._join_server(trainer, restored)
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
+            if self._data == "dynamic":
+                resume = restored.data
+                assign_training_data(trainer, lambda dataloader: self._dynamic_sampler(trainer, dataloader, resume))
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
@@ -230,7 +255,8 @@ class ADAGStrategy(DDPStrategy):
         while state_clock not in (None, clock):  # a commit came between the two reads: show the newer center
             clock = self.worker.show_center()
             state_clock, server_state = self.worker.server_state()
-        self._record = CenterRecord(clock, server_state, self.worker.exact_center, self.worker.flat.layout)
+        data = None if self.sampler is None else (self.sampler.epoch, self.sampler.position)
+        self._record = CenterRecord(clock, server_state, self.worker.exact_center, self.worker.flat.layout, data)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
@@ -263,6 +289,17 @@ class ADAGStrategy(DDPStrategy):
             strategy_registry.register(name, cls, description=description, override=True, algorithm=name)
 
     # ----------------------------------------------------------------------------------------------- helpers
+    def _dynamic_sampler(
+        self, trainer: pl.Trainer, dataloader: Any, resume: tuple[int, int] | None
+    ) -> DynamicSampler | None:
+        client, run, rank = self.worker.client, self._run, self.global_rank
+
+        def take(epoch: int, plan: dict) -> tuple[int, int]:
+            return client.take({"run": run, "epoch": epoch, "worker": rank, "plan": plan})
+
+        self.sampler = sampler_for(trainer, dataloader, take, self._seed, self._chunk, resume)
+        return self.sampler
+
     def _ensure_callback(self, trainer: pl.Trainer) -> None:
         if not any(isinstance(cb, ADAGCallback) for cb in trainer.callbacks):
             trainer.callbacks.insert(0, ADAGCallback())

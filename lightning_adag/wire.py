@@ -47,6 +47,8 @@ class Kind(enum.IntEnum):
     GET_STATE = 13  # worker -> server, which algorithm state vector; answered by STATE
     PUT_STATE = 14  # worker -> server, the vector (trainable region); taken only before INIT
     STATE = 15  # server -> worker, the vector (GET_STATE), or whether it was taken (PUT_STATE)
+    TAKE = 16  # worker -> server, JSON {run, epoch, worker, plan}: the next chunk of an epoch's samples
+    GIVEN = 17  # server -> worker, JSON {start, stop}: positions [start, stop) of the epoch's order (empty: none left)
 
 
 #: The names of a header's two integers (``a``, ``b``), by frame kind; kinds not listed carry none.

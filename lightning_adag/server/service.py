@@ -20,6 +20,8 @@ import torch
 from lightning_adag import auth, wire
 from lightning_adag.flat import Layout
 from lightning_adag.payload import CommitPayload
+from lightning_adag.plan import EpochPlan
+from lightning_adag.server.assignment import Assignments
 from lightning_adag.server.core import LayoutMismatchError, ServerCore
 from lightning_adag.transports.base import Channel, ChannelRefused, Listener
 
@@ -46,6 +48,7 @@ class Service:
 
     def __init__(self, core: ServerCore, key: bytes) -> None:
         self.core = core
+        self.assignments = Assignments()
         self._key = key
         self._listeners: list[Listener] = []
         self._connections: set[socket.socket] = set()
@@ -175,6 +178,13 @@ class Service:
             channel.receive(conn, header, trainable)
             taken = self.core.load_state(header.index, trainable)
             channel.reply(conn, wire.Kind.STATE, trainable, clock=self.core.clock, taken=int(taken))
+        elif kind is wire.Kind.TAKE:
+            request = wire.read_payload(conn, header).json()
+            plan = EpochPlan(**request["plan"])
+            start, stop = self.assignments.take(
+                str(request["run"]), int(request["epoch"]), int(request["worker"]), plan
+            )
+            wire.send(conn, wire.Kind.GIVEN, payload=wire.json_payload({"start": start, "stop": stop}))
         else:
             frame = wire.read_payload(conn, header)
             if frame.payload:

@@ -9,6 +9,7 @@ up after a server that was killed.
 from __future__ import annotations
 
 import socket
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,9 @@ class Client:
         transport allocates it."""
         self.address = address
         self._pin_memory = pin_memory
+        # One request at a time on the connection: a data loader may ask for samples while an overlapped
+        # exchange is in flight on another thread.
+        self._one_request = threading.Lock()
         self._sock = self._connect(address, timeout)
         try:
             self._introduce(rank, layout, algorithm_spec, key)
@@ -91,6 +95,12 @@ class Client:
 
     def stats(self) -> dict:
         return self._control(wire.Kind.STATS, b"", expect=wire.Kind.REPORT).json()
+
+    def take(self, request: dict) -> tuple[int, int]:
+        """The next chunk of an epoch's samples for this worker (see :mod:`lightning_adag.server.assignment`):
+        positions ``[start, stop)`` of the epoch's order, empty when the epoch has none left for it."""
+        given = self._control(wire.Kind.TAKE, wire.json_payload(request), expect=wire.Kind.GIVEN).json()
+        return int(given["start"]), int(given["stop"])
 
     def interrupt(self) -> None:
         """Make a request blocked on this connection in another thread fail at once (then :meth:`close`)."""
@@ -142,20 +152,22 @@ class Client:
         """One request carrying ``sent`` (or nothing) and the named header ``fields``, answered by an ``expect``
         frame whose vector lands in ``received``; returns that frame's header."""
         try:
-            self._send(kind, sent, sent_dtype, fields)
-            header = wire.read_header(self._sock, max_payload=max(self.mailbox.nbytes, wire.MAX_CONTROL_PAYLOAD))
-            if header.kind is expect:
-                self._receive(header, received)
-                return header
-            frame = wire.read_payload(self._sock, header)
+            with self._one_request:
+                self._send(kind, sent, sent_dtype, fields)
+                header = wire.read_header(self._sock, max_payload=max(self.mailbox.nbytes, wire.MAX_CONTROL_PAYLOAD))
+                if header.kind is expect:
+                    self._receive(header, received)
+                    return header
+                frame = wire.read_payload(self._sock, header)
         except (EOFError, OSError) as err:
             raise self._gone(kind.name, err) from err
         raise self._unexpected(kind, frame, expect)
 
     def _control(self, kind: wire.Kind, payload: bytes, *, expect: wire.Kind) -> wire.Frame:
         try:
-            wire.send(self._sock, kind, payload=payload)
-            frame = wire.recv(self._sock)
+            with self._one_request:
+                wire.send(self._sock, kind, payload=payload)
+                frame = wire.recv(self._sock)
         except (EOFError, OSError) as err:
             raise self._gone(kind.name, err) from err
         if frame.kind is not expect:

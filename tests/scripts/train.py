@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
+from torch.utils.data import Dataset
 from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -117,9 +118,49 @@ class Recorder(Callback):
                 Path(self.args.out, f"committing{trainer.global_rank}").touch()
 
 
+class IndexedDigits(DigitsDataModule):
+    """The digits, remembering which training samples this worker fetched (see ``Fetched``)."""
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.train_set = Fetched(self.train_set)
+
+
+class Fetched(Dataset):
+    def __init__(self, data: Dataset) -> None:
+        self.data, self.indices = data, []
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        self.indices.append(index)
+        return self.data[index]
+
+
+class DataRecorder(Callback):
+    """Per epoch, the training samples this worker trained (every fetched batch is trained by the epoch's end), and
+    how often it validated."""
+
+    def __init__(self, data: IndexedDigits) -> None:
+        self.data, self.epochs, self.validations = data, {}, 0
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        fetched = self.data.train_set.indices
+        self.epochs[trainer.current_epoch] = list(fetched)
+        fetched.clear()
+
+    def on_validation_start(self, trainer, pl_module):
+        self.validations += 1
+
+
 def digest(module: nn.Module) -> str:
+    """A hash of what the center holds: every floating-point tensor of the state (integer buffers such as
+    ``num_batches_tracked`` stay local to each worker)."""
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
+        if not tensor.is_floating_point():
+            continue
         h.update(name.encode())
         h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -163,6 +204,9 @@ def main() -> None:
     p.add_argument("--overlap", action="store_true")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--data", default="dynamic", choices=["dynamic", "static"])
+    p.add_argument("--val-check-interval", type=float, default=1.0)
+    p.add_argument("--save-at-validation", action="store_true", help="a checkpoint at every validation into <out>/ckpt")
     args = p.parse_args()
 
     L.seed_everything(int(os.environ.get("LOCAL_RANK", 0)))  # different inits per rank: the center must unify them
@@ -173,6 +217,14 @@ def main() -> None:
         callbacks.append(EarlyStopping(monitor="constant", patience=1, mode="min"))
     if args.checkpoint:
         callbacks.append(ModelCheckpoint(dirpath=Path(args.out, "ckpt"), save_last=True))
+    if args.save_at_validation:
+        at_validation = ModelCheckpoint(
+            Path(args.out, "ckpt"), "{epoch}-{step}-{val_loss:.4f}", "val_loss", save_top_k=-1
+        )
+        callbacks.append(at_validation)
+    data = IndexedDigits(batch_size=args.batch_size)
+    data_recorder = DataRecorder(data)
+    callbacks.append(data_recorder)
     trainer = L.Trainer(
         strategy=lightning_adag.ADAGStrategy(
             algorithm=algorithm(args),
@@ -181,6 +233,7 @@ def main() -> None:
             server=args.server,
             compression=args.compression,
             overlap=args.overlap,
+            data=args.data,
         ),
         num_nodes=args.num_nodes,
         accelerator=args.accelerator,
@@ -190,14 +243,14 @@ def main() -> None:
         max_steps=args.max_steps,
         accumulate_grad_batches=args.accumulate,
         callbacks=callbacks,
-        enable_checkpointing=args.checkpoint,
+        enable_checkpointing=args.checkpoint or args.save_at_validation,
+        val_check_interval=args.val_check_interval,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0 if args.no_val else None,
         num_sanity_val_steps=0,
     )
-    data = DigitsDataModule(batch_size=args.batch_size)
     trainer.fit(model, datamodule=data, ckpt_path=args.resume)
     if args.save_after_fit:
         trainer.save_checkpoint(Path(args.out, "after_fit.ckpt"))
@@ -214,6 +267,8 @@ def main() -> None:
         "global_step": trainer.global_step,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "digest": digest(model),
+        "trained_indices": data_recorder.epochs,
+        "validations": data_recorder.validations,
     }
     if not args.no_val:
         (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
