@@ -541,13 +541,14 @@ def collect(out: Path) -> list[dict]:
 
 
 def efficiency_against(results: list[dict], run: dict, key: str, same_window: bool) -> float | None:
-    """``run``'s temporal efficiency against the run of algorithm ``key`` with its n and seed (and λ)."""
+    """``run``'s temporal efficiency against the run of algorithm ``key`` with its n, seed and schedule (and λ)."""
     for other in results:
         if (
             other["key"] == key
             and "error" not in other
             and other["workers"] == run["workers"]
             and other["seed"] == run["seed"]
+            and other.get("schedule") == run.get("schedule")
             and (not same_window or other["window"] == run["window"])
         ):
             return temporal_efficiency(run["curve"], other["curve"])
