@@ -695,11 +695,18 @@ def main() -> None:
         result = launch(config, args.timeout)
         status = result.get("error") or f"val acc {result['val_acc']:.4f}"
         print(f"{config['name']}: {status} ({time.perf_counter() - started:.0f} s with start-up)", flush=True)
-        results = collect(Path(args.out))
-        Path(args.out, "results.json").write_text(json.dumps(results, indent=1))
-        Path(args.out, "table.md").write_text(table(results, dataset))
-        plot(results, Path(args.out, "accuracy_vs_time.png"))
-    print(table(collect(Path(args.out)), dataset))
+        report(Path(args.out), dataset)
+    print(report(Path(args.out), dataset))
+
+
+def report(out: Path, dataset: str) -> str:
+    """Write ``results.json``, ``table.md`` and the plot over every run recorded in ``out``; return the table."""
+    results = collect(out)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    text = table(results, dataset)
+    (out / "table.md").write_text(text)
+    plot(results, out / "accuracy_vs_time.png")
+    return text
 
 
 if __name__ == "__main__":
