@@ -35,6 +35,7 @@ same n, λ and seed, and against DDP with the same n and seed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import itertools
 import json
@@ -197,6 +198,7 @@ def run_one(config: dict) -> None:
         return run_round_robin(config)
     import lightning as L
     from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.strategies import DDPStrategy
     from torch.utils.data import DataLoader, TensorDataset
 
     import lightning_adag
@@ -234,15 +236,34 @@ def run_one(config: dict) -> None:
                     worker.resume_window()
                 self.last = time.perf_counter()
 
+        def on_train_end(self, trainer, pl_module):
+            """In every worker process, whatever started it: after the strategy's own on_train_end, every worker
+            holds the final center (DDP: every replica is the model)."""
+            elapsed = time.perf_counter() - self.start
+            exchanges.save(config, trainer.global_rank)
+            if trainer.global_rank == 0:
+                result = {
+                    **config,
+                    "seconds": elapsed,
+                    "val_acc": accuracy(pl_module, x_val, y_val),
+                    "train_acc": accuracy(pl_module, x_train, y_train),
+                    "curve": [*self.curve, (elapsed, accuracy(pl_module, x_probe, y_probe))],
+                    "steps_per_worker": trainer.global_step,
+                }
+                Path(config["result"]).write_text(json.dumps(result))
+
     algorithm, n = config["algorithm"], config["workers"]
-    strategy = "ddp" if algorithm is None else lightning_adag.ADAGStrategy(window=config["window"], algorithm=algorithm)
-    probe = CenterProbe()
+    start_method = config.get("start_method", "popen")
+    if algorithm is None:
+        strategy = DDPStrategy(start_method=start_method)
+    else:
+        strategy = lightning_adag.ADAGStrategy(window=config["window"], algorithm=algorithm, start_method=start_method)
     trainer = L.Trainer(
         strategy=strategy,
         accelerator="cpu",
         devices=n,
         max_epochs=config["epochs"],
-        callbacks=[probe],
+        callbacks=[CenterProbe()],
         limit_val_batches=0,
         num_sanity_val_steps=0,
         enable_checkpointing=False,
@@ -253,19 +274,6 @@ def run_one(config: dict) -> None:
     model = paper_model(config, x_train.shape[1])
     train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=config["batch_size"], shuffle=True)
     trainer.fit(model, train_dataloaders=train_loader)
-    elapsed = time.perf_counter() - probe.start
-    exchanges.save(config, trainer.global_rank)
-    if trainer.global_rank == 0:
-        val = accuracy(model, x_val, y_val)  # after fit every worker holds the final center
-        result = {
-            **config,
-            "seconds": elapsed,
-            "val_acc": val,
-            "train_acc": accuracy(model, x_train, y_train),
-            "curve": [*probe.curve, (elapsed, accuracy(model, x_probe, y_probe))],
-            "steps_per_worker": trainer.global_step,
-        }
-        Path(config["result"]).write_text(json.dumps(result))
 
 
 def paper_model(config: dict, inputs: int) -> Classifier:
@@ -458,13 +466,15 @@ def temporal_efficiency(curve: list[tuple[float, float]], reference: list[tuple[
 def configurations(args: argparse.Namespace, dataset: str, data_dir: str | None) -> list[dict]:
     """Every run, seed by seed, so that an interrupted sweep has whole grids for its first seeds."""
     cells = args.cells or [(n, window) for n in args.workers for window in args.windows]
-    suffix = "-rr" if args.schedule == "round-robin" else ""
+    suffix = ("-rr" if args.schedule == "round-robin" else "") + (
+        "" if args.start_method == "popen" else f"-{args.start_method}"
+    )
     runs, names = [], set()
     for seed in args.seeds:
         for n, cell_window in cells:
             for key in args.algorithms:
                 label, algorithm, rule = ALGORITHMS[key]
-                if algorithm is None and suffix:
+                if algorithm is None and args.schedule == "round-robin":
                     continue  # DDP has no commits to take turns with
                 window = cell_window if rule == "grid" else rule
                 name = f"{key}-n{n}" + (f"-w{window}" if window is not None else "") + f"{suffix}-s{seed}"
@@ -474,9 +484,10 @@ def configurations(args: argparse.Namespace, dataset: str, data_dir: str | None)
                         {
                             "name": name,
                             "key": key,
-                            "label": label + (" round-robin" if suffix else ""),
+                            "label": label + (" round-robin" if args.schedule == "round-robin" else ""),
                             "algorithm": algorithm,
                             "schedule": args.schedule,
+                            "start_method": args.start_method,
                             "window": window,
                             "workers": n,
                             "seed": seed,
@@ -495,21 +506,32 @@ def configurations(args: argparse.Namespace, dataset: str, data_dir: str | None)
 
 
 def launch(config: dict, timeout: float) -> dict:
-    """Run one configuration in its own process tree, sampling the machine's used memory once a second (the
-    tree's summed RSS would count the pages the workers share several times)."""
+    """Run one configuration in its own process tree, sampling the memory of the tree every few seconds as the
+    sum of its processes' proportional set sizes (a page shared by k processes counts 1/k in each, so pages the
+    workers share are counted once, unlike a sum of RSS)."""
     import psutil
 
     spec = Path(config["result"]).with_suffix(".config.json")
     spec.write_text(json.dumps(config))
     log = open(Path(config["result"]).with_suffix(".log"), "w")
-    before = psutil.virtual_memory().used
     proc = subprocess.Popen([sys.executable, __file__, "--run", str(spec)], stdout=log, stderr=subprocess.STDOUT)
-    peak = [before]
+    peak = [0]
+
+    def tree_pss() -> int:
+        total = 0
+        try:
+            root = psutil.Process(proc.pid)
+            for member in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += member.memory_full_info().pss
+        except psutil.Error:
+            pass
+        return total
 
     def sample() -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], psutil.virtual_memory().used)
-            time.sleep(1.0)
+            peak[0] = max(peak[0], tree_pss())
+            time.sleep(5.0)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -524,7 +546,7 @@ def launch(config: dict, timeout: float) -> dict:
     if code != 0 or not result_path.exists():
         result = {**config, "error": f"exit {code}, see {result_path.with_suffix('.log')}"}
     else:
-        result = {**json.loads(result_path.read_text()), "memory_gib": (peak[0] - before) / 2**30}
+        result = {**json.loads(result_path.read_text()), "memory_gib": peak[0] / 2**30}
         result.update(exchange_summary(result_path))
     result_path.write_text(json.dumps(result))
     return result
@@ -560,7 +582,7 @@ def table(results: list[dict], dataset: str) -> str:
     lines = [
         f"Dataset: {DATASETS[dataset]}. Center variable's final accuracy (median over seeds, [min, max]); time ="
         " training wall-clock after start-up; TE = temporal efficiency (median over seeds; > 1: more accurate"
-        " sooner); memory = the machine's peak used memory above its idle level.",
+        " sooner); memory = the peak of the run's processes' summed proportional set sizes.",
         "",
         "| n | algorithm | λ | seeds | val acc | train acc | time (s) | steps/worker | commits | staleness mean"
         " [p5, p95] | commit/center p50 | TE vs AEASGD | TE vs DDP | memory (GiB) |",
@@ -653,6 +675,12 @@ def main() -> None:
         type=cell,
         nargs="+",
         help="(n, λ) pairs as n:λ (for example 10:10 30:20), instead of every --workers and --windows pair",
+    )
+    parser.add_argument(
+        "--start-method",
+        choices=["popen", "spawn", "fork", "forkserver"],
+        default="popen",
+        help="how Lightning starts the worker processes: fork shares the imported libraries' memory between them",
     )
     parser.add_argument(
         "--schedule",
