@@ -257,7 +257,9 @@ def run_one(config: dict) -> None:
     if algorithm is None:
         strategy = DDPStrategy(start_method=start_method)
     else:
-        strategy = lightning_adag.ADAGStrategy(window=config["window"], algorithm=algorithm, start_method=start_method)
+        strategy = lightning_adag.ADAGStrategy(
+            window=config["window"], algorithm=algorithm, start_method=start_method, data=config.get("data", "static")
+        )
     trainer = L.Trainer(
         strategy=strategy,
         accelerator="cpu",
@@ -675,6 +677,12 @@ def main() -> None:
         type=cell,
         nargs="+",
         help="(n, λ) pairs as n:λ (for example 10:10 30:20), instead of every --workers and --windows pair",
+    )
+    parser.add_argument(
+        "--data",
+        choices=["static", "dynamic"],
+        default="static",
+        help="each worker a fixed shard of the data (the paper's setup), or samples handed out as workers ask",
     )
     parser.add_argument(
         "--start-method",
