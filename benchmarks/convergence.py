@@ -468,8 +468,12 @@ def temporal_efficiency(curve: list[tuple[float, float]], reference: list[tuple[
 def configurations(args: argparse.Namespace, dataset: str, data_dir: str | None) -> list[dict]:
     """Every run, seed by seed, so that an interrupted sweep has whole grids for its first seeds."""
     cells = args.cells or [(n, window) for n in args.workers for window in args.windows]
-    suffix = ("-rr" if args.schedule == "round-robin" else "") + (
-        "" if args.start_method == "popen" else f"-{args.start_method}"
+    suffix = "".join(
+        (
+            "-rr" if args.schedule == "round-robin" else "",
+            "" if args.start_method == "popen" else f"-{args.start_method}",
+            "" if args.data == "static" else f"-{args.data}",
+        )
     )
     runs, names = [], set()
     for seed in args.seeds:
@@ -490,6 +494,7 @@ def configurations(args: argparse.Namespace, dataset: str, data_dir: str | None)
                             "algorithm": algorithm,
                             "schedule": args.schedule,
                             "start_method": args.start_method,
+                            "data": args.data,
                             "window": window,
                             "workers": n,
                             "seed": seed,
