@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import tagged_processes
+from conftest import _alive, tagged_processes
 
 pytestmark = pytest.mark.slow
 
@@ -178,16 +178,25 @@ def test_a_diverged_worker_stops_with_a_clear_error_instead_of_poisoning_the_cen
     assert "worker 1's commit holds" in script.output() and "diverged" in script.output(), script.output()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_to_the_launching_process_stops_everything(script, signum):
-    script.start("train.py", "--epochs", "50", "--hang-at-batch", "10")
-    script.wait_for("hanging0")
-    script.wait_for("hanging1")
-    script.proc.send_signal(signum)
-    script.proc.wait(60)
-    # Lightning ends a SIGTERM'd run with SystemExit (exit code 0, like DDP) and a Ctrl+C with exit code 1; either
-    # way training stopped early (no rank got to write results), and the fixture finds nothing left behind.
-    assert not script.results(), script.output()
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 1), (signal.SIGTERM, 0)])
+def test_a_signal_to_the_launching_process_stops_the_workers_quietly_and_then_the_server(script, signum, exit_code):
+    # rank 1 commits after each 0.3 s step, so the signal finds it in a step with a commit ahead
+    script.start("train.py", "--epochs", "50", "--window", "1", "--slow-rank", "1", "--slow-sleep", "0.3", "--no-val")
+    script.wait_for("committing0")
+    script.wait_for("committing1")
+    server = _server_process(script)
+    (other,) = [p for p in tagged_processes(script.tag) if p.pid not in (script.proc.pid, server.pid)]
+    script.proc.send_signal(signum)  # SIGINT: a KeyboardInterrupt on rank 0 alone
+    server_went_first = False
+    deadline = time.monotonic() + 60
+    while script.proc.poll() is None and time.monotonic() < deadline:
+        server_went_first |= not _alive(server.pid) and _alive(other.pid)
+        time.sleep(0.01)
+    # Lightning ends a SIGTERM'd run with SystemExit (exit code 0, like DDP) and a Ctrl+C with exit code 1
+    assert script.proc.poll() == exit_code, script.output()
+    assert not server_went_first, "the server stopped while a worker still ran"
+    assert "Traceback" not in script.output(), script.output()
+    assert not script.results()  # training stopped early; the fixture finds nothing left behind
 
 
 def test_killing_the_server_stops_every_worker_with_a_clear_error(script):
