@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import signal
 import time
 
@@ -157,6 +158,53 @@ def test_a_bf16_true_checkpoint_resumes_from_the_float32_center_not_its_rounding
     trainable = exact[: len(at_restore[0]["values"])]
     for center in at_restore:
         assert torch.equal(torch.tensor(center["values"], dtype=torch.float32), trainable)
+
+
+@pytest.mark.timeout(600)  # two runs
+def test_lightning_features_on_asynchronous_workers_and_their_checkpoint_in_a_fresh_process(script):
+    # One run of 2 workers combines them (see tests/scripts/features.py); torch.compile's "aot_eager" backend traces
+    # the model as inductor would, without inductor's C++ compilation, minutes on a loaded CPU.
+    clip, decay, every = 0.05, 0.98, 10
+    settings = ("--clip", str(clip), "--decay", str(decay), "--every", str(every))
+    assert_ok(script, script.run("features.py", "fit", *settings, timeout=300))
+    output = script.output()
+    assert "Trainer(sync_batchnorm=True) is ignored by strategy='adag'" in output
+    assert "the running statistics travel with the commits" in output
+    assert "fixed shard of the training data (static assignment): ModelCheckpoint(every_n_train_steps=10)" in output
+    fits = script.results()
+    for result in fits.values():
+        assert result["compiled"] and result["graphs"] > 0  # the compiled module trained
+        assert result["sanity_batches"] == 2  # num_sanity_val_steps, on each worker
+        # gradient clipping: each worker clips its own gradient before its local optimizer step
+        assert max(result["norms_before_clipping"]) > clip >= max(result["norms_stepped"]) * (1 - 1e-5)
+        # a per-step schedule follows the worker's own optimizer steps
+        assert all(lr == pytest.approx(1e-2 * decay**step) for step, lr in result["lrs"])
+        assert result["epochs"] == 2  # EarlyStopping (patience 1, unreachable min_delta) stopped both alike
+    assert fits[0]["sanity_state"] == fits[1]["sanity_state"]  # sanity validation ran on the center
+    assert fits[0]["center"] == fits[1]["center"]
+    steps = fits[0]["global_step"]
+    saved = {path.name for path in (script.out / "ckpt").glob("*.ckpt")}
+    assert {name.split("step=")[1] for name in saved - {"last.ckpt"}} == {
+        f"{s}.ckpt" for s in range(every, steps, every)
+    }
+    last = script.out / "ckpt" / "last.ckpt"
+    state = torch.load(last, weights_only=True)["state_dict"]
+    assert state and not any("_orig_mod" in name for name in state)  # the uncompiled module's names
+    with open(script.out / "logs" / "version_0" / "metrics.csv") as metrics:  # LearningRateMonitor, rank 0's
+        logged = {int(row["step"]): float(row["lr-Adam"]) for row in csv.DictReader(metrics) if row["lr-Adam"]}
+    assert len(logged) >= 5 and all(lr == pytest.approx(1e-2 * decay**step) for step, lr in logged.items())
+
+    for result in script.out.glob("rank*.json"):
+        result.unlink()
+    assert_ok(script, script.run("features.py", "evaluate", "--ckpt", str(last), timeout=300))
+    (evaluated,) = script.results().values()
+    # test and predict from the checkpoint evaluate exactly its weights, loaded into an uncompiled model
+    assert evaluated["tested_correct"] == evaluated["direct_correct"] >= 0.8 * 360
+    assert evaluated["predicted_matches"]
+    # every registered name fits with devices="auto": one worker on a CPU-only machine
+    assert sorted(evaluated["fits"]) == ["adag", "aeasgd", "downpour", "dynsgd"]
+    for fit in evaluated["fits"].values():
+        assert fit["processes"] == 1 and fit["commits"] > 0 and fit["moved"], evaluated["fits"]
 
 
 def test_an_exception_in_training_step_leaves_nothing_behind(script):
