@@ -6,6 +6,9 @@ import atexit
 import logging
 import os
 import secrets
+import signal
+import subprocess
+import time
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -44,6 +47,9 @@ _START_METHODS = ("popen", "spawn", "fork", "forkserver")
 _DATA = ("dynamic", "static")
 DRIFT_TIMEOUT = timedelta(hours=24)
 _TRANSPORTS = ("auto", *TRANSPORTS)
+#: Seconds the launching process waits, when its run fails or is interrupted, for the workers it launched to stop at
+#: their next batch boundary before it kills them (one may wait in a collective for this rank, which never comes).
+WORKERS_STOP_GRACE = 15.0
 
 
 class ADAGStrategy(DDPStrategy):
@@ -163,6 +169,7 @@ class ADAGStrategy(DDPStrategy):
         self.worker: Worker | None = None
         self._record = CenterRecord()  # what the next checkpoint saves beside the weights
         self._restored = CenterRecord()  # what the checkpoint this run resumes from saved
+        self._interrupted = False  # the Trainer stops on an exception, Ctrl+C or SIGTERM
 
     @override
     def _configure_launcher(self) -> None:
@@ -270,13 +277,24 @@ class ADAGStrategy(DDPStrategy):
         return checkpoint
 
     @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        self._interrupted = True
+
+    @override
     def teardown(self) -> None:
+        """Close this worker's connection and stop the server this process owns. When the run stops on an
+        exception, Ctrl+C or SIGTERM, the workers this process launched stop first: a server stopped under a worker
+        that is still training would fail that worker with a misleading ``ServerGoneError``."""
         if self.worker is not None:
             self.worker.close()
             self.worker = None
         if self._server is not None:
+            if self._interrupted and isinstance(self.launcher, _CheckingSubprocessLauncher):
+                self.launcher.stop_workers(WORKERS_STOP_GRACE)
             self._server.stop()
             self._server = None
+        self._interrupted = False
         super().teardown()
 
     @classmethod
@@ -418,7 +436,19 @@ class _ChecksModelBeforeLaunch:
 
 
 class _CheckingSubprocessLauncher(_ChecksModelBeforeLaunch, _SubprocessScriptLauncher):
-    pass
+    def stop_workers(self, grace: float) -> None:
+        """Stop the worker processes this one launched: SIGTERM, on which each stops at its next batch boundary
+        and disconnects, and SIGKILL for any still running ``grace`` seconds later."""
+        running = [proc for proc in self.procs if proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in running:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 class _CheckingMultiProcessingLauncher(_ChecksModelBeforeLaunch, _MultiProcessingLauncher):

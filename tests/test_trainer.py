@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import signal
 import time
 
 import pytest
 import torch
-from conftest import tagged_processes
+from conftest import _alive, tagged_processes
 
 pytestmark = pytest.mark.slow
 
@@ -159,6 +160,53 @@ def test_a_bf16_true_checkpoint_resumes_from_the_float32_center_not_its_rounding
         assert torch.equal(torch.tensor(center["values"], dtype=torch.float32), trainable)
 
 
+@pytest.mark.timeout(600)  # two runs
+def test_lightning_features_on_asynchronous_workers_and_their_checkpoint_in_a_fresh_process(script):
+    # One run of 2 workers combines them (see tests/scripts/features.py); torch.compile's "aot_eager" backend traces
+    # the model as inductor would, without inductor's C++ compilation, minutes on a loaded CPU.
+    clip, decay, every = 0.05, 0.98, 10
+    settings = ("--clip", str(clip), "--decay", str(decay), "--every", str(every))
+    assert_ok(script, script.run("features.py", "fit", *settings, timeout=300))
+    output = script.output()
+    assert "Trainer(sync_batchnorm=True) is ignored by strategy='adag'" in output
+    assert "the running statistics travel with the commits" in output
+    assert "fixed shard of the training data (static assignment): ModelCheckpoint(every_n_train_steps=10)" in output
+    fits = script.results()
+    for result in fits.values():
+        assert result["compiled"] and result["graphs"] > 0  # the compiled module trained
+        assert result["sanity_batches"] == 2  # num_sanity_val_steps, on each worker
+        # gradient clipping: each worker clips its own gradient before its local optimizer step
+        assert max(result["norms_before_clipping"]) > clip >= max(result["norms_stepped"]) * (1 - 1e-5)
+        # a per-step schedule follows the worker's own optimizer steps
+        assert all(lr == pytest.approx(1e-2 * decay**step) for step, lr in result["lrs"])
+        assert result["epochs"] == 2  # EarlyStopping (patience 1, unreachable min_delta) stopped both alike
+    assert fits[0]["sanity_state"] == fits[1]["sanity_state"]  # sanity validation ran on the center
+    assert fits[0]["center"] == fits[1]["center"]
+    steps = fits[0]["global_step"]
+    saved = {path.name for path in (script.out / "ckpt").glob("*.ckpt")}
+    assert {name.split("step=")[1] for name in saved - {"last.ckpt"}} == {
+        f"{s}.ckpt" for s in range(every, steps, every)
+    }
+    last = script.out / "ckpt" / "last.ckpt"
+    state = torch.load(last, weights_only=True)["state_dict"]
+    assert state and not any("_orig_mod" in name for name in state)  # the uncompiled module's names
+    with open(script.out / "logs" / "version_0" / "metrics.csv") as metrics:  # LearningRateMonitor, rank 0's
+        logged = {int(row["step"]): float(row["lr-Adam"]) for row in csv.DictReader(metrics) if row["lr-Adam"]}
+    assert len(logged) >= 5 and all(lr == pytest.approx(1e-2 * decay**step) for step, lr in logged.items())
+
+    for result in script.out.glob("rank*.json"):
+        result.unlink()
+    assert_ok(script, script.run("features.py", "evaluate", "--ckpt", str(last), timeout=300))
+    (evaluated,) = script.results().values()
+    # test and predict from the checkpoint evaluate exactly its weights, loaded into an uncompiled model
+    assert evaluated["tested_correct"] == evaluated["direct_correct"] >= 0.8 * 360
+    assert evaluated["predicted_matches"]
+    # every registered name fits with devices="auto": one worker on a CPU-only machine
+    assert sorted(evaluated["fits"]) == ["adag", "aeasgd", "downpour", "dynsgd"]
+    for fit in evaluated["fits"].values():
+        assert fit["processes"] == 1 and fit["commits"] > 0 and fit["moved"], evaluated["fits"]
+
+
 def test_an_exception_in_training_step_leaves_nothing_behind(script):
     code = script.run("train.py", "--epochs", "2", "--fail-at-batch", "5", "--fail-rank", "1")
     assert code != 0
@@ -170,6 +218,8 @@ def test_an_exception_on_rank_zero_leaves_nothing_behind(script):
     code = script.run("train.py", "--epochs", "2", "--fail-at-batch", "5", "--fail-rank", "0")
     assert code != 0
     assert "injected failure on rank 0" in script.output()
+    # rank 0 stopped its workers before the server: none fails on a server gone, rank 0's error is the one shown
+    assert script.output().count("Traceback") == 1, script.output()
 
 
 def test_a_diverged_worker_stops_with_a_clear_error_instead_of_poisoning_the_center(script):
@@ -178,16 +228,25 @@ def test_a_diverged_worker_stops_with_a_clear_error_instead_of_poisoning_the_cen
     assert "worker 1's commit holds" in script.output() and "diverged" in script.output(), script.output()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_to_the_launching_process_stops_everything(script, signum):
-    script.start("train.py", "--epochs", "50", "--hang-at-batch", "10")
-    script.wait_for("hanging0")
-    script.wait_for("hanging1")
-    script.proc.send_signal(signum)
-    script.proc.wait(60)
-    # Lightning ends a SIGTERM'd run with SystemExit (exit code 0, like DDP) and a Ctrl+C with exit code 1; either
-    # way training stopped early (no rank got to write results), and the fixture finds nothing left behind.
-    assert not script.results(), script.output()
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 1), (signal.SIGTERM, 0)])
+def test_a_signal_to_the_launching_process_stops_the_workers_quietly_and_then_the_server(script, signum, exit_code):
+    # rank 1 commits after each 0.3 s step, so the signal finds it in a step with a commit ahead
+    script.start("train.py", "--epochs", "50", "--window", "1", "--slow-rank", "1", "--slow-sleep", "0.3", "--no-val")
+    script.wait_for("committing0")
+    script.wait_for("committing1")
+    server = _server_process(script)
+    (other,) = [p for p in tagged_processes(script.tag) if p.pid not in (script.proc.pid, server.pid)]
+    script.proc.send_signal(signum)  # SIGINT: a KeyboardInterrupt on rank 0 alone
+    server_went_first = False
+    deadline = time.monotonic() + 60
+    while script.proc.poll() is None and time.monotonic() < deadline:
+        server_went_first |= not _alive(server.pid) and _alive(other.pid)
+        time.sleep(0.01)
+    # Lightning ends a SIGTERM'd run with SystemExit (exit code 0, like DDP) and a Ctrl+C with exit code 1
+    assert script.proc.poll() == exit_code, script.output()
+    assert not server_went_first, "the server stopped while a worker still ran"
+    assert "Traceback" not in script.output(), script.output()
+    assert not script.results()  # training stopped early; the fixture finds nothing left behind
 
 
 def test_killing_the_server_stops_every_worker_with_a_clear_error(script):
