@@ -29,7 +29,7 @@ from lightning_adag import wire
 from lightning_adag.algorithms import server_rule
 from lightning_adag.flat import Layout
 from lightning_adag.plan import EpochPlan
-from lightning_adag.server.core import DIVERGED, WorkerRecord, check_agreement, require_finite
+from lightning_adag.server.core import WorkerRecord, check_agreement, commit_values, require_finite_commit
 from lightning_adag.transports import connect
 from lightning_adag.transports.base import Client
 from lightning_adag.wire import Receipt
@@ -131,22 +131,12 @@ class AggregatorCore:
     ) -> Receipt:
         """Add ``worker``'s commit to the open round and wait for the center that round brings back (into
         ``out``). A non-finite commit is refused here, before it can spoil a sum that others share."""
-        require_finite(delta, f"worker {worker}'s commit", DIVERGED)
-        if values is not None:
-            require_finite(values, f"worker {worker}'s commit (its buffers)", DIVERGED)
+        require_finite_commit(worker, delta, values)
         with self._changed:
             self._require_layout()
-            trainable = self.layout.trainable
-            values = delta[trainable:] if values is None else values
-            if delta.numel() < trainable or values.numel() != self.layout.numel - trainable:
-                raise ValueError(
-                    f"a commit carries {delta.numel()} delta and {values.numel()} value elements, the layout"
-                    f" {trainable} and {self.layout.numel - trainable}"
-                )
-            if not 0 <= pulled_clock <= self.clock:
-                raise ValueError(f"pulled clock {pulled_clock} is outside [0, {self.clock}]")
+            values = commit_values(self.layout, self.clock, delta, pulled_clock, values)
             current = self._join()
-            self._sum.add_(delta[:trainable])
+            self._sum.add_(delta[: self.layout.trainable])
             self._values.copy_(values)
             current.pulled_clock = pulled_clock if not current.commits else min(current.pulled_clock, pulled_clock)
             current.commits += 1
@@ -247,8 +237,11 @@ class AggregatorCore:
                     self._sum.zero_()
             try:
                 receipt = self._upstream(lambda link, sent=current: self._send(link, sent))
-            except UpstreamError as err:
-                receipt, current.error = None, err
+            except Exception as err:  # whatever failed, the round's requests hear of it instead of waiting forever
+                failure = (
+                    err if isinstance(err, UpstreamError) else UpstreamError(f"a round failed to go upstream: {err}")
+                )
+                receipt, current.error = None, failure
             with self._changed:
                 if receipt is not None:
                     self._seen(receipt)

@@ -82,6 +82,28 @@ def check_agreement(held: Layout, held_spec: dict, layout: Layout, algorithm_spe
         )
 
 
+def require_finite_commit(worker: int, delta: Tensor, values: Tensor | None) -> None:
+    """Refuse a commit holding NaN or an infinity (``ValueError``), before it reaches anything others share."""
+    require_finite(delta, f"worker {worker}'s commit", DIVERGED)
+    if values is not None:
+        require_finite(values, f"worker {worker}'s commit (its buffers)", DIVERGED)
+
+
+def commit_values(layout: Layout, clock: int, delta: Tensor, pulled_clock: int, values: Tensor | None) -> Tensor:
+    """The values a commit carries (by default the rest of ``delta``), once its sizes fit ``layout`` and the clock
+    it started from is one the server (now at ``clock``) has handed out; else a ``ValueError``."""
+    if not 0 <= pulled_clock <= clock:
+        raise ValueError(f"pulled clock {pulled_clock} is outside [0, {clock}]")
+    trainable = layout.trainable
+    values = delta[trainable:] if values is None else values
+    if delta.numel() < trainable or values.numel() != layout.numel - trainable:
+        raise ValueError(
+            f"a commit carries {delta.numel()} delta and {values.numel()} value elements, the layout {trainable} and"
+            f" {layout.numel - trainable}"
+        )
+    return values
+
+
 def require_finite(tensor: Tensor, what: str, advice: str) -> None:
     """Raise a ``ValueError`` that says how many elements of ``tensor`` are NaN or infinite, if any are (checked
     at memory speed by :func:`~lightning_adag.flat.all_finite`; only a refusal pays for the exact count)."""
@@ -162,20 +184,11 @@ class ServerCore:
         A commit holding NaN or an infinity is refused whole (``ValueError``) before it takes a clock: one diverged
         worker must not poison the center every other worker pulls. The check runs outside the locks.
         """
-        require_finite(delta, f"worker {worker}'s commit", DIVERGED)
-        if values is not None:
-            require_finite(values, f"worker {worker}'s commit (its buffers)", DIVERGED)
+        require_finite_commit(worker, delta, values)
         with self._entry:
             self._require_initialized()
-            if not 0 <= pulled_clock <= self.clock:
-                raise ValueError(f"pulled clock {pulled_clock} is outside [0, {self.clock}]")
             trainable = self.layout.trainable
-            values = delta[trainable:] if values is None else values
-            if delta.numel() < trainable or values.numel() != self.layout.numel - trainable:
-                raise ValueError(
-                    f"a commit carries {delta.numel()} delta and {values.numel()} value elements, the layout"
-                    f" {trainable} and {self.layout.numel - trainable}"
-                )
+            values = commit_values(self.layout, self.clock, delta, pulled_clock, values)
             commit = Commit(worker, pulled_clock, self.clock)
             self.algorithm.server_admit(commit)
             self.clock += 1
