@@ -111,6 +111,7 @@ class Recorder(Callback):
     def on_train_end(self, trainer, pl_module):
         self.final_clock = trainer.strategy.worker.pulled_clock  # ADAGCallback's final pull ran before this
         self.server_stats = trainer.strategy.worker.client.stats()
+        trainer.strategy.barrier("recorded_stats")  # rank 0 stops the server once every rank has asked
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         cb = next(c for c in trainer.callbacks if isinstance(c, lightning_adag.ADAGCallback))
