@@ -87,6 +87,14 @@ class Algorithm:
         """Names of the server-side vectors :meth:`server_state` returns, in a fixed order."""
         return ()
 
+    @property
+    def unsummable(self) -> str | None:
+        """Why several workers' commits cannot reach the server as one commit holding their sum (node-local
+        aggregation), or None when they can: the server half must add a commit, scaled by a constant at most, with
+        no state and nothing that depends on the worker or the commit's staleness, and the worker half must not
+        need a fresh center before each commit."""
+        return f"{self.name} does not declare that the server may apply the sum of several commits at once"
+
     def server_state(self) -> dict[str, Tensor]:
         """The server-side vectors that a checkpoint keeps (live tensors; copy them before the lock is released).
         A name of :attr:`state_names` that is missing has not been created yet and reads as zeros."""
@@ -179,6 +187,15 @@ class DOWNPOUR(Algorithm):
             super().load_server_state(name, values)
         self._outer.buffer = values.clone()
 
+    @property
+    def unsummable(self) -> str | None:
+        if self._outer.momentum > 0.0:
+            return (
+                "outer_momentum folds every commit into a momentum buffer, so one commit holding a sum moves the center"
+                " differently from its parts: set outer_momentum=0 (outer_lr alone is fine)"
+            )
+        return None
+
     def _server_params(self) -> dict[str, Any]:
         if not self._outer_on:
             return {}
@@ -235,6 +252,15 @@ class ADAG(DOWNPOUR):
     def elementwise(self) -> bool:
         return self._pulled is None and super().elementwise
 
+    @property
+    def unsummable(self) -> str | None:
+        if self._pulled is not None:
+            return (
+                "gamma scales each commit by how far the center moved since its own worker pulled, which a sum of"
+                " several workers' commits no longer has: set gamma=None"
+            )
+        return super().unsummable
+
     def _server_params(self) -> dict[str, Any]:
         gamma = {} if self.gamma is None else {"gamma": self.gamma}
         return {**gamma, **super()._server_params()}
@@ -285,6 +311,10 @@ class DynSGD(DOWNPOUR):
     def server_apply(self, center: Tensor, delta: Tensor, commit: Commit) -> None:
         center.add_(delta, alpha=1.0 / (commit.staleness + 1))
 
+    @property
+    def unsummable(self) -> str | None:
+        return "dynsgd scales each commit by its own staleness, which a sum of several workers' commits no longer has"
+
 
 class AEASGD(Algorithm):
     """Asynchronous elastic averaging SGD (Zhang et al., 2015).
@@ -322,6 +352,13 @@ class AEASGD(Algorithm):
 
     def server_apply(self, center: Tensor, delta: Tensor, commit: Commit) -> None:
         center.add_(delta)
+
+    @property
+    def unsummable(self) -> str | None:
+        return (
+            "aeasgd pulls the center before every commit to measure its elastic term against it: each of those"
+            " pulls would still cross to the server, or measure against an older center"
+        )
 
     def _worker_params(self) -> dict[str, Any]:
         return {"rho": self.rho, "elastic_lr": self.elastic_lr}

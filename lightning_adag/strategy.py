@@ -92,6 +92,11 @@ class ADAGStrategy(DDPStrategy):
             assignment cannot apply (an ``IterableDataset``, a sampler of the user's, ``max_steps``), the run says
             so in one line and stays static.
         chunk: samples per chunk of dynamic assignment; ``None`` picks a few batches.
+        aggregate: ``"node"`` starts an aggregator on every node (by its local rank 0): the node's workers commit to
+            it over shared memory, and it sends their summed commits to the server over TCP as one commit, so the
+            network carries one commit and one center per round of the node's workers instead of one per worker.
+            Only for rules whose server adds commits (ADAG without ``gamma``, DOWNPOUR, either without
+            ``outer_momentum``). ``None`` (default): every worker commits to the server itself.
         process_group_backend, timeout: for the control-plane process group (epoch-level metric sync, barriers).
             Its collectives wait for the slowest worker, which may be epochs behind a fast one, so the default
             timeout is 24 hours rather than DDP's 30 minutes; a worker that dies still fails them at once.
@@ -120,6 +125,7 @@ class ADAGStrategy(DDPStrategy):
         overlap: bool = False,
         data: Literal["dynamic", "static"] = "dynamic",
         chunk: int | None = None,
+        aggregate: Literal["node"] | None = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -152,6 +158,18 @@ class ADAGStrategy(DDPStrategy):
             raise ValueError(f"data must be one of {_DATA}, got {data!r}")
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"chunk must be a positive number of samples or None, got {chunk!r}")
+        if aggregate not in (None, "node"):
+            raise ValueError(f"aggregate must be None or 'node', got {aggregate!r}")
+        if aggregate is not None:
+            if self.algorithm.unsummable is not None:
+                raise ValueError(f"aggregate='node' cannot run {self.algorithm!r}: {self.algorithm.unsummable}")
+            if transport == "shm":
+                raise ValueError(
+                    "with aggregate='node' workers reach their node's aggregator over shared memory and the"
+                    " aggregators reach the server over TCP: use transport='auto'"
+                )
+        self._aggregate = aggregate
+        self._aggregator: ServerProcess | None = None  # this node's, when this process is its local rank 0
         self._data = data
         self._chunk = chunk
         self._run, self._seed = "", 0  # this run's name on the server and its data order's seed, from rank 0
@@ -174,7 +192,7 @@ class ADAGStrategy(DDPStrategy):
     @override
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
-        if self.num_nodes > 1 and TRANSPORTS[self.transport].local_only:
+        if self.num_nodes > 1 and TRANSPORTS[self.transport].local_only and self._aggregate is None:
             raise ValueError(
                 f"transport={self.transport!r} needs every worker on one machine, but num_nodes={self.num_nodes}:"
                 " use transport='tcp' or 'auto'"
@@ -196,11 +214,13 @@ class ADAGStrategy(DDPStrategy):
         up and meet in the rendezvous) and its address and key shared through it."""
         if self._external_server is None and self.is_global_zero:
             self._key = auth.new_key().encode()
-            self._server = ServerProcess.start(self._key.decode(), self.transport, self._server_bind_address())
+            self._server = ServerProcess.start(self._key.decode(), self._server_transport, self._server_bind_address())
         super().setup_distributed()
         atexit.unregister(_destroy_process_group)  # once per process, however many times the Trainer sets up
         atexit.register(_destroy_process_group)
         self._server_address, self._key = self._share_server_address()
+        if self._aggregate is not None:
+            self._server_address = self._start_aggregator(self._server_address)
         # runs sharing a standalone server keep apart; every worker orders the epochs by rank 0's seed
         self._run, self._seed = self.broadcast((secrets.token_hex(8), int(os.getenv("PL_GLOBAL_SEED", 0))))
 
@@ -289,6 +309,9 @@ class ADAGStrategy(DDPStrategy):
         if self.worker is not None:
             self.worker.close()
             self.worker = None
+        if self._aggregator is not None:
+            self._aggregator.stop()
+            self._aggregator = None
         if self._server is not None:
             if self._interrupted and isinstance(self.launcher, _CheckingSubprocessLauncher):
                 self.launcher.stop_workers(WORKERS_STOP_GRACE)
@@ -324,15 +347,24 @@ class ADAGStrategy(DDPStrategy):
 
     @property
     def transport(self) -> str:
-        """The transport this run uses: ``"shm"`` or ``"tcp"``."""
+        """The transport this run's workers use: ``"shm"`` or ``"tcp"`` (shm with ``aggregate="node"``: to their
+        node's aggregator)."""
+        if self._aggregate is not None:
+            return "shm"
         if self._transport != "auto":
             return self._transport
         return "tcp" if self._external_server is not None or self.num_nodes > 1 else "shm"
 
+    @property
+    def _server_transport(self) -> str:
+        """The transport the server this run starts listens on: the workers', or with aggregation the
+        aggregators' (tcp)."""
+        return "tcp" if self._aggregate is not None else self.transport
+
     def _server_bind_address(self) -> str | None:
         """Where the server this run starts listens: for tcp, loopback on one node and the cluster's main address
         on several, at ``server_port`` (default: main port + 1); for a local transport, a new address of its own."""
-        if TRANSPORTS[self.transport].local_only:
+        if TRANSPORTS[self._server_transport].local_only:
             return None
         assert self.cluster_environment is not None
         host = self.cluster_environment.main_address if self.num_nodes > 1 else "127.0.0.1"
@@ -361,6 +393,29 @@ class ADAGStrategy(DDPStrategy):
         if status != "ok":
             raise RuntimeError(f"global rank 0 could not start the parameter server: {detail}")
         return detail, key
+
+    def _start_aggregator(self, upstream: str) -> str:
+        """Local rank 0 starts this node's aggregator, joined to the server at ``upstream``; every worker learns
+        its own node's aggregator, or some node's failure to start one, so that every worker raises."""
+        outcome = ("", "")
+        if self.local_rank == 0:
+            options = (
+                "--upstream", upstream,
+                "--node-rank", str(self.node_rank),
+                "--node-workers", str(self.num_processes),
+                "--upstream-timeout", str(self._server_timeout),
+            )  # fmt: skip
+            try:
+                self._aggregator = ServerProcess.start(self._key.decode(), "shm", options=options)
+                outcome = ("ok", self._aggregator.wait_ready())
+            except Exception as err:
+                outcome = ("error", f"{type(err).__name__}: {err}")
+        nodes: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(nodes, (self.node_rank, *outcome))
+        for node, status, detail in nodes:
+            if status == "error":
+                raise RuntimeError(f"node {node} could not start its aggregator: {detail}")
+        return next(detail for node, status, detail in nodes if node == self.node_rank and status == "ok")
 
     def _join_server(self, trainer: pl.Trainer, restored: CenterRecord) -> Worker:
         """Lay the model out flat, connect, and start every worker from the same center.

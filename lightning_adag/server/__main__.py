@@ -19,6 +19,7 @@ from typing import NoReturn
 import torch
 
 from lightning_adag import auth
+from lightning_adag.server.aggregator import GATHER, AggregatorCore
 from lightning_adag.server.core import SHARD_BYTES, ServerCore
 from lightning_adag.server.service import Service
 from lightning_adag.server.snapshots import Snapshotter
@@ -63,6 +64,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="MiB per shard of the center (default %(default)g): commits from different workers pipeline through"
         " the shards, one core each; a size at least the model's turns pipelining off",
     )
+    parser.add_argument(
+        "--upstream",
+        metavar="HOST:PORT",
+        help="run as a node's aggregator: sum the local workers' commits and send them to the server at HOST:PORT"
+        " (over TCP, with the same key) as one commit per round; see lightning_adag.server.aggregator",
+    )
+    parser.add_argument("--node-rank", type=int, default=0, help="with --upstream: the rank this node joins as")
+    parser.add_argument(
+        "--node-workers", type=int, default=1, help="with --upstream: the local workers each round waits for"
+    )
+    parser.add_argument(
+        "--gather-ms",
+        type=float,
+        default=GATHER * 1e3,
+        help="with --upstream: the longest a round waits for the rest of the local workers (default %(default)g)",
+    )
+    parser.add_argument(
+        "--upstream-timeout", type=float, default=120.0, help="with --upstream: seconds to wait for that server"
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     if args.host is None and args.unix is None and not args.listen:
@@ -82,6 +102,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--threads must be at least 1")
     if args.shard_mib <= 0:
         parser.error("--shard-mib must be positive")
+    if args.upstream is not None:
+        if args.checkpoint:
+            parser.error("an aggregator holds no center of its own: give --checkpoint to the server it sends to")
+        if args.node_workers < 1 or args.node_rank < 0:
+            parser.error("--node-workers must be at least 1 and --node-rank at least 0")
+        if args.gather_ms < 0 or args.upstream_timeout <= 0:
+            parser.error("--gather-ms must be at least 0 and --upstream-timeout positive")
     return args
 
 
@@ -108,9 +135,17 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     signal.signal(signal.SIGTERM, _stop)
     torch.set_num_threads(args.threads)
-    core = ServerCore(shard_bytes=max(1, round(args.shard_mib * 2**20)))
-    snapshotter = Snapshotter(core, args.checkpoint, args.checkpoint_every) if args.checkpoint else None
-    service = Service(core, key)
+    if args.upstream is None:
+        aggregator = None
+        core = ServerCore(shard_bytes=max(1, round(args.shard_mib * 2**20)))
+        snapshotter = Snapshotter(core, args.checkpoint, args.checkpoint_every) if args.checkpoint else None
+        service = Service(core, key)
+    else:  # a node's aggregator (no --checkpoint: it holds no center of its own)
+        aggregator = AggregatorCore(
+            args.upstream, key, args.node_rank, args.node_workers, args.gather_ms / 1e3, args.upstream_timeout
+        )
+        snapshotter = None
+        service = Service(aggregator, key, assignments=aggregator)
     stop_snapshots = threading.Event()
     try:
         if snapshotter is not None:
@@ -136,6 +171,8 @@ def serve(args: argparse.Namespace) -> int:
         log.info("stopping")
         stop_snapshots.set()
         service.close()
+        if aggregator is not None:
+            aggregator.close()
         if snapshotter is not None:
             snapshotter.save()
         log.info("stopped")

@@ -30,6 +30,15 @@ class WorkerRecord:
     first_commit: float | None = None
     last_commit: float | None = None
 
+    def add(self, staleness: int) -> None:
+        """Count one commit of this worker, of ``staleness``."""
+        now = time.time()
+        self.commits += 1
+        self.staleness_sum += staleness
+        self.max_staleness = max(self.max_staleness, staleness)
+        self.first_commit = self.first_commit or now
+        self.last_commit = now
+
     def to_json(self) -> dict:
         mean = self.staleness_sum / self.commits if self.commits else 0.0
         return {
@@ -56,6 +65,43 @@ DIVERGED = (
 )
 #: What a refused initial center or server state says.
 RESTORED = "Check the model's initialization, or the checkpoint or server snapshot it was restored from."
+
+
+def check_agreement(held: Layout, held_spec: dict, layout: Layout, algorithm_spec: dict) -> None:
+    """Raise a :class:`LayoutMismatchError` unless a worker's ``layout`` and ``algorithm_spec`` are those the
+    server already holds."""
+    if layout != held:
+        raise LayoutMismatchError(
+            f"model layout mismatch: the server holds a model of {held.numel} elements ({held.trainable} trainable,"
+            f" {held.dtype}, digest {held.digest}), this worker has {layout.numel} ({layout.trainable} trainable,"
+            f" {layout.dtype}, digest {layout.digest}). Every worker must build the same model."
+        )
+    if algorithm_spec != held_spec:
+        raise LayoutMismatchError(
+            f"algorithm mismatch: the server runs {held_spec}, this worker asks for {algorithm_spec}"
+        )
+
+
+def require_finite_commit(worker: int, delta: Tensor, values: Tensor | None) -> None:
+    """Refuse a commit holding NaN or an infinity (``ValueError``), before it reaches anything others share."""
+    require_finite(delta, f"worker {worker}'s commit", DIVERGED)
+    if values is not None:
+        require_finite(values, f"worker {worker}'s commit (its buffers)", DIVERGED)
+
+
+def commit_values(layout: Layout, clock: int, delta: Tensor, pulled_clock: int, values: Tensor | None) -> Tensor:
+    """The values a commit carries (by default the rest of ``delta``), once its sizes fit ``layout`` and the clock
+    it started from is one the server (now at ``clock``) has handed out; else a ``ValueError``."""
+    if not 0 <= pulled_clock <= clock:
+        raise ValueError(f"pulled clock {pulled_clock} is outside [0, {clock}]")
+    trainable = layout.trainable
+    values = delta[trainable:] if values is None else values
+    if delta.numel() < trainable or values.numel() != layout.numel - trainable:
+        raise ValueError(
+            f"a commit carries {delta.numel()} delta and {values.numel()} value elements, the layout {trainable} and"
+            f" {layout.numel - trainable}"
+        )
+    return values
 
 
 def require_finite(tensor: Tensor, what: str, advice: str) -> None:
@@ -110,17 +156,7 @@ class ServerCore:
                 self._spans = [slice(a, min(a + shard, layout.numel)) for a in reversed(starts)]  # see _walk
                 self._locks = [threading.Lock() for _ in self._spans]
                 return
-            if layout != self.layout:
-                raise LayoutMismatchError(
-                    f"model layout mismatch: the server holds a model of {self.layout.numel} elements"
-                    f" ({self.layout.trainable} trainable, {self.layout.dtype}, digest {self.layout.digest}), this"
-                    f" worker has {layout.numel} ({layout.trainable} trainable, {layout.dtype}, digest"
-                    f" {layout.digest}). Every worker must build the same model."
-                )
-            if algorithm_spec != self.algorithm_spec:
-                raise LayoutMismatchError(
-                    f"algorithm mismatch: the server runs {self.algorithm_spec}, this worker asks for {algorithm_spec}"
-                )
+            check_agreement(self.layout, self.algorithm_spec, layout, algorithm_spec)
 
     def initialize(self, values: Tensor, clock: int) -> Receipt:
         """Set the center to ``values`` at ``clock`` unless it already holds one; either way, return its clock."""
@@ -148,24 +184,15 @@ class ServerCore:
         A commit holding NaN or an infinity is refused whole (``ValueError``) before it takes a clock: one diverged
         worker must not poison the center every other worker pulls. The check runs outside the locks.
         """
-        require_finite(delta, f"worker {worker}'s commit", DIVERGED)
-        if values is not None:
-            require_finite(values, f"worker {worker}'s commit (its buffers)", DIVERGED)
+        require_finite_commit(worker, delta, values)
         with self._entry:
             self._require_initialized()
-            if not 0 <= pulled_clock <= self.clock:
-                raise ValueError(f"pulled clock {pulled_clock} is outside [0, {self.clock}]")
             trainable = self.layout.trainable
-            values = delta[trainable:] if values is None else values
-            if delta.numel() < trainable or values.numel() != self.layout.numel - trainable:
-                raise ValueError(
-                    f"a commit carries {delta.numel()} delta and {values.numel()} value elements, the layout"
-                    f" {trainable} and {self.layout.numel - trainable}"
-                )
+            values = commit_values(self.layout, self.clock, delta, pulled_clock, values)
             commit = Commit(worker, pulled_clock, self.clock)
             self.algorithm.server_admit(commit)
             self.clock += 1
-            self._record(worker, commit.staleness)
+            self.workers.setdefault(worker, WorkerRecord()).add(commit.staleness)
             receipt = Receipt(self.clock, commit.staleness)
             first = self._enter()
 
@@ -296,15 +323,6 @@ class ServerCore:
         if not 0 <= index < len(names):
             raise ValueError(f"{self.algorithm.name} keeps {len(names)} server-side state vector(s), not #{index}")
         return names[index]
-
-    def _record(self, worker: int, staleness: int) -> None:
-        record = self.workers.setdefault(worker, WorkerRecord())
-        now = time.time()
-        record.commits += 1
-        record.staleness_sum += staleness
-        record.max_staleness = max(record.max_staleness, staleness)
-        record.first_commit = record.first_commit or now
-        record.last_commit = now
 
     def _require_layout(self) -> None:
         if self.layout is None:

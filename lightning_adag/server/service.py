@@ -44,11 +44,13 @@ _REFUSED = (
 
 class Service:
     """Serves one :class:`ServerCore` through any number of transport listeners (see
-    :mod:`lightning_adag.transports`); each connection gets its transport's channel."""
+    :mod:`lightning_adag.transports`); each connection gets its transport's channel. A node's aggregator serves
+    its own core (see :mod:`lightning_adag.server.aggregator`) and hands data assignment on to the server above it
+    (``assignments``: anything with :meth:`Assignments.take`)."""
 
-    def __init__(self, core: ServerCore, key: bytes) -> None:
+    def __init__(self, core: ServerCore, key: bytes, assignments: Assignments | None = None) -> None:
         self.core = core
-        self.assignments = Assignments()
+        self.assignments = assignments or Assignments()
         self._key = key
         self._listeners: list[Listener] = []
         self._connections: set[socket.socket] = set()

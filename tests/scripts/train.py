@@ -83,6 +83,7 @@ class Recorder(Callback):
         self.commit_times: list[float] = []
         self.start_clock = None
         self.final_clock = None
+        self.server_stats = None
         self.start_server_state = None
         self.start_center = None
         self.sampler = None
@@ -109,6 +110,8 @@ class Recorder(Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.final_clock = trainer.strategy.worker.pulled_clock  # ADAGCallback's final pull ran before this
+        self.server_stats = trainer.strategy.worker.client.stats()
+        trainer.strategy.barrier("recorded_stats")  # rank 0 stops the server once every rank has asked
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         cb = next(c for c in trainer.callbacks if isinstance(c, lightning_adag.ADAGCallback))
@@ -196,6 +199,7 @@ def main() -> None:
     p.add_argument("--no-val", action="store_true")
     p.add_argument("--start-method", default="popen")
     p.add_argument("--transport", default="auto")
+    p.add_argument("--aggregate", action="store_true", help="ADAGStrategy(aggregate='node')")
     p.add_argument("--server", help="host:port of a running adag-server")
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--algorithm", default="adag", choices=sorted(lightning_adag.algorithms.ALGORITHMS))
@@ -234,6 +238,7 @@ def main() -> None:
             compression=args.compression,
             overlap=args.overlap,
             data=args.data,
+            aggregate="node" if args.aggregate else None,
         ),
         num_nodes=args.num_nodes,
         accelerator=args.accelerator,
@@ -259,6 +264,7 @@ def main() -> None:
         "commit_times": recorder.commit_times,
         "start_clock": recorder.start_clock,
         "final_clock": recorder.final_clock,
+        "server_stats": recorder.server_stats,
         "start_server_state": recorder.start_server_state,
         "start_center": recorder.start_center,
         "sampler": recorder.sampler,
