@@ -51,6 +51,7 @@ def test_explicit_settings():
         ({"servers": 2, "transport": "shm"}, "reaches its servers over TCP"),
         ({"server": "h:1,h:2", "servers": 3}, "lists 2 address"),
         ({"server": "h:1,nohost"}, "must look like 'host:port'"),
+        ({"servers": 2, "aggregate": "node"}, "not combined with it yet"),
     ],
 )
 def test_invalid_settings_fail_at_construction(kwargs, match):
