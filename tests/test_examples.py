@@ -4,6 +4,8 @@ files (written here), and the center's metrics printed at the end."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from convergence import write_idx  # noqa: E402
@@ -65,3 +68,39 @@ def test_mnist_without_its_files_says_which_are_missing(tmp_path, monkeypatch, c
     assert exit.value.code == 2
     error = capsys.readouterr().err
     assert "no train-images-idx3-ubyte[.gz]" in error and "four IDX files" in error
+
+
+TINY_LM = ("--devices", "2", "--epochs", "1", "--chars", "20000", "--layers", "1", "--width", "32", "--heads", "2")
+TINY_LM += ("--block", "32", "--batch-size", "16", "--warmup", "5", "--sample", "40")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [("--strategy", "adag", "--outer-momentum", "0.5"), ("--strategy", "ddp")])
+def test_char_lm_learns_the_standard_library_and_records_its_curve(script, tmp_path, options):
+    out = tmp_path / "curve"
+    code = script.run(str(EXAMPLES / "char_lm.py"), *TINY_LM, *options, "--out", str(out), out=False, timeout=120)
+    assert code == 0, script.output()
+    result = json.loads((out / "curve.json").read_text())
+    assert result["val_loss"] < math.log(256) - 0.5, script.output()  # below a uniform guess over bytes
+    seconds, steps, losses = zip(*result["curve"])
+    assert len(seconds) == 4 and list(seconds) == sorted(seconds)  # validated every quarter of the epoch
+    assert losses[-1] < losses[0]
+    assert f"validation loss ({options[1]}): " in script.output()
+
+
+def test_char_lm_keeps_the_causal_mask_out_of_the_state_dict():
+    char_lm = load_example("char_lm")
+    model = char_lm.CharLM(layers=2, width=16, heads=2, block=8)
+    assert not any("mask" in name for name in model.state_dict())
+    x = torch.randint(0, 256, (1, 8))
+    changed = x.clone()
+    changed[0, 5:] = (x[0, 5:] + 1) % 256
+    assert torch.equal(model(x)[0, :5], model(changed)[0, :5])  # no position sees a later one
+
+
+def test_char_lm_refuses_adag_options_under_ddp(monkeypatch, capsys):
+    char_lm = load_example("char_lm")
+    monkeypatch.setattr(sys, "argv", ["char_lm.py", "--strategy", "ddp", "--outer-momentum", "0.9"])
+    with pytest.raises(SystemExit):
+        char_lm.main()
+    assert "--outer-momentum" in capsys.readouterr().err
