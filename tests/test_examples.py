@@ -104,3 +104,15 @@ def test_char_lm_refuses_adag_options_under_ddp(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         char_lm.main()
     assert "--outer-momentum" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_trains_with_the_strategy_and_its_options_from_yaml(script):
+    pytest.importorskip("jsonargparse", reason="LightningCLI needs the examples extra: pip install -e '.[examples]'")
+    options = ("--trainer.devices=2", "--trainer.max_steps=12", "--trainer.enable_progress_bar=false")
+    overrides = ("--trainer.strategy.init_args.algorithm.init_args.outer_momentum=0.5",)
+    config = str(EXAMPLES / "config.yaml")
+    code = script.run(str(EXAMPLES / "cli.py"), "fit", "--config", config, *options, *overrides, out=False)
+    assert code == 0, script.output()
+    assert "ADAG(window=4, outer_momentum=0.5, outer_lr=1.0)" in script.output()  # the YAML's window, the override
+    assert printed_accuracy(script.output()) > 0.3, script.output()  # chance is 0.1
