@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import secrets
@@ -333,10 +334,10 @@ class ADAGStrategy(DDPStrategy):
     def _dynamic_sampler(
         self, trainer: pl.Trainer, dataloader: Any, resume: tuple[int, int] | None
     ) -> DynamicSampler | None:
-        client, run, rank = self.worker.client, self._run, self.global_rank
+        worker, run, rank = self.worker, self._run, self.global_rank
 
         def take(epoch: int, plan: dict) -> tuple[int, int]:
-            return client.take({"run": run, "epoch": epoch, "worker": rank, "plan": plan})
+            return worker.take({"run": run, "epoch": epoch, "worker": rank, "plan": plan})
 
         self.sampler = sampler_for(trainer, dataloader, take, self._seed, self._chunk, resume)
         return self.sampler
@@ -387,6 +388,7 @@ class ADAGStrategy(DDPStrategy):
         if self.is_global_zero:
             try:
                 outcome = ("ok", self._server.wait_ready(), self._key)
+                self._server.keep_running()  # a server that dies is replaced while rank 0 lives
             except Exception as err:
                 outcome = ("error", f"{type(err).__name__}: {err}", b"")
         status, detail, key = self.broadcast(outcome)
@@ -429,7 +431,8 @@ class ADAGStrategy(DDPStrategy):
         if self.algorithm.window is None:
             self.algorithm.window = suggested_window(self.world_size, module)
             rank_zero_info(f"ADAG: window={self.algorithm.window} (thesis heuristic: (workers + layers) / 2)")
-        client = connect(
+        reconnect = functools.partial(
+            connect,
             self.transport,
             self._server_address,
             self.global_rank,
@@ -439,8 +442,18 @@ class ADAGStrategy(DDPStrategy):
             self._server_timeout,
             pin_memory=self.root_device.type == "cuda",
         )
+        client = reconnect()
         try:
-            worker = Worker(flat, client, self.algorithm, self._compression, self._error_feedback, self._overlap)
+            worker = Worker(
+                flat,
+                client,
+                self.algorithm,
+                self._compression,
+                self._error_feedback,
+                self._overlap,
+                reconnect=reconnect,
+                patience=self._server_timeout,
+            )
         except BaseException:
             client.close()
             raise
