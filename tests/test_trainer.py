@@ -10,12 +10,9 @@ import time
 
 import pytest
 import torch
-from conftest import _alive, tagged_processes
+from conftest import SLOW_RANK_ZERO, _alive, assert_recovered, tagged_processes
 
 pytestmark = pytest.mark.slow
-
-
-SLOW_RANK_ZERO = ("--slow-rank", "0", "--slow-sleep", "0.03")
 
 
 def assert_ok(script, code):
@@ -269,21 +266,6 @@ def test_a_killed_server_is_replaced_by_rank_zero_and_the_run_finishes(script):
     assert_ok(script, script.wait(script.proc))
     assert script.output().count("died (exit code -9); starting a new one") == 2
     assert_recovered(script.results(), kills=2)
-
-
-def assert_recovered(results: dict[int, dict], kills: int) -> None:
-    """Every worker reconnected once per kill; the server's clock counts every acknowledged commit and at most
-    the lost ones besides; the final center is everywhere and as accurate as an undisturbed run's."""
-    assert sorted(results) == [0, 1]
-    assert all(result["reconnections"] == kills for result in results.values())
-    attempted = sum(result["commits"] for result in results.values())
-    lost = sum(result["lost_commits"] for result in results.values())
-    assert lost <= kills * len(results)  # one commit in flight per worker at most
-    clock = results[0]["final_clock"]
-    assert clock == results[1]["final_clock"]
-    assert attempted - lost <= clock - results[0]["start_clock"] <= attempted
-    assert results[0]["digest"] == results[1]["digest"]
-    assert results[0]["validate"]["val_acc"] >= 0.9  # as test_trains_to_accuracy_and_leaves_the_center_everywhere
 
 
 def _wait_until(condition, script, timeout: float = 120) -> None:

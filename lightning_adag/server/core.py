@@ -175,7 +175,7 @@ class ServerCore:
                 self.initialized = True
             return Receipt(self.clock)
 
-    def recover(self, values: Tensor, clock: int) -> Receipt:
+    def recover(self, values: Tensor, clock: int, worker: int | None = None) -> Receipt:
         """Take ``values``, a center at ``clock`` that a worker pulled from this server's previous incarnation (the
         process before a restart), so that a restarted server loses no more than the commits in flight.
 
@@ -184,13 +184,16 @@ class ServerCore:
         linear, so the offer holds exactly the commits between the two, and they are added to the center,
         ``C ← C + (offer − known)`` on the trainable region, with the clock advanced by their number. The commits
         applied since the restart stay; values that travel by value are the offer's only if there were none. An
-        offer no newer, or to a server that was never restarted, changes nothing. Either way, return the clock."""
+        offer no newer, or to a server that was never restarted, changes nothing. Either way, return the clock.
+        The offering ``worker``, if named, is known to hold the offer (rules that keep pulled centers need it)."""
         if not 0 <= clock < MAX_CLOCK:
             raise ValueError(f"clock must be in [0, 2**62), got {clock}")
         require_finite(values, "a recovered center", RESTORED)
         with self._quiesced():
             self._require_layout()
             trainable = self.layout.trainable
+            if worker is not None:
+                self.algorithm.server_pulled(worker, clock, values[:trainable])
             if not self.initialized or (self._base is not None and self.clock == self._base_clock < clock):
                 self.center.copy_(values)
                 self.clock, self.initialized = clock, True

@@ -181,7 +181,10 @@ class Service:
             channel.reply(conn, wire.Kind.CENTER, buffer, clock=receipt.clock, staleness=receipt.staleness)
         elif kind is wire.Kind.INIT or kind is wire.Kind.RECOVER:
             channel.receive(conn, header, buffer)
-            (self.core.initialize if kind is wire.Kind.INIT else self.core.recover)(buffer, header.clock)
+            if kind is wire.Kind.INIT:
+                self.core.initialize(buffer, header.clock)
+            else:
+                self.core.recover(buffer, header.clock, rank)
             channel.reply(conn, wire.Kind.CENTER, buffer, clock=self.core.read(buffer, rank).clock)
         elif kind is wire.Kind.PUT_STATE:
             channel.receive(conn, header, trainable)
