@@ -268,6 +268,20 @@ def test_a_killed_server_is_replaced_by_rank_zero_and_the_run_finishes(script):
     assert_recovered(script.results(), kills=2)
 
 
+def test_when_rank_zero_dies_the_other_workers_stop_with_a_clear_error(script):
+    """Rank 0 owns the server: killed, it takes the server with it, and the other worker stops at once with an
+    error that says so, instead of waiting for a new server."""
+    script.start("train.py", "--epochs", "50", "--no-val", *SLOW_RANK_ZERO)
+    script.wait_for("committing0")
+    script.wait_for("committing1")
+    script.proc.kill()  # the launching process is rank 0
+    script.proc.wait()
+    started = time.monotonic()
+    assert not script.leftovers(settle=60), script.output()
+    assert time.monotonic() - started < 60  # server_timeout is 120 s: nobody waited for it
+    assert "global rank 0, which runs the parameter server, is gone" in script.output(), script.output()
+
+
 def _wait_until(condition, script, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
