@@ -330,13 +330,12 @@ class Worker:
         return receipt
 
     def _offer_center(self, client, exact: bool) -> Receipt:
+        """Offer θ⁰ (for AEASGD, θ) and the local values: as the center of the last pull when ``exact``, else only as
+        a first center (in an overlapped exchange θ⁰ is θ as committed, so that the fold keeps the steps since)."""
         trainable = self.flat.trainable
         client.mailbox[trainable:].copy_(self.flat.vector[trainable:])
-        if exact:
-            client.mailbox[:trainable].copy_(self._theta0)
-            return client.recover(self.pulled_clock)
-        client.mailbox[:trainable].copy_(self.theta)
-        return client.initialize(self.pulled_clock)
+        client.mailbox[:trainable].copy_(self._theta0 if self.algorithm.restarts_from_center else self.theta)
+        return client.recover(self.pulled_clock) if exact else client.initialize(self.pulled_clock)
 
     def _link(self):
         """The client, once nothing else uses the mailbox: no exchange in flight, no copy still reading it."""

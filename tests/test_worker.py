@@ -360,3 +360,40 @@ def test_a_worker_whose_server_does_not_come_back_fails_with_a_clear_error():
         with pytest.raises(ServerGoneError, match="did not come back within server_timeout=1 s"):
             worker.commit(1)
         worker.close()
+
+
+def test_an_overlapped_worker_loses_only_the_commit_in_flight_and_keeps_the_steps_since():
+    where = ShmListener.default_where()
+    server = ServerProcess.start("k", where=where)
+    model = make_model()
+    flat, algorithm = FlatState(model), ADAG(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reconnect = functools.partial(connect, "shm", where, 0, flat.layout, algorithm.spec(), b"k", 30)
+    worker = None
+    try:
+        server.wait_ready()
+        worker = Worker(flat, reconnect(), algorithm, overlap=True, reconnect=reconnect, patience=30)
+        worker.offer_initial_center(0)
+        worker.reset_to_center()
+        data = batches(3)
+        step(model, optimizer, data[0])
+        worker.commit(1)
+        assert worker.settle().clock == 1
+        server.process.kill()
+        server.stop()
+        server = ServerProcess.start("k", where=where)
+        server.wait_ready()
+        step(model, optimizer, data[1])
+        worker.commit(1)  # in flight to a dead server
+        step(model, optimizer, data[2])
+        theta = worker.theta.clone()
+        worker.commit(1)  # finds the exchange in flight lost and recovers before it commits this window
+        assert worker.lost_commits == 1 and worker.reconnections == 1
+        assert torch.equal(worker.theta, theta)  # the step since the lost commit is kept
+        assert worker.settle().clock == 2  # the new server started from θ as committed, at clock 1
+        # the new center: θ as committed, plus that window's delta (θ − θ as committed, λ = 1)
+        assert torch.allclose(worker.theta0, theta, atol=1e-6)
+    finally:
+        if worker is not None:
+            worker.close()
+        server.stop()
