@@ -65,8 +65,8 @@ class Worker:
     was not acknowledged is counted in :attr:`lost_commits` and not sent again (the old server may have applied
     it, and a center another worker pulled may hold it): its window's steps are dropped, and the worker goes on
     from the recovered center. With ``overlap`` the commit in flight is the one lost and the steps taken since are
-    kept; its θ⁰ is then no center, so it offers its parameters only as a server's first center (as INIT does),
-    and so does AEASGD, whose workers never hold the center.
+    kept; its θ⁰ (θ as it committed) is then no center, so it offers it only as a server's first center (as INIT
+    does), and AEASGD, whose workers never hold the center, offers θ the same way.
     """
 
     def __init__(
