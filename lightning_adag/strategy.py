@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import secrets
@@ -38,7 +39,7 @@ from lightning_adag.lockstep import assign_training_data, check_asynchrony, disa
 from lightning_adag.payload import COMPRESSIONS
 from lightning_adag.sampling import DynamicSampler, sampler_for
 from lightning_adag.server.launch import ServerProcess, start_parts
-from lightning_adag.transports import TRANSPORTS, connect
+from lightning_adag.transports import TRANSPORTS, Client, connect
 from lightning_adag.transports.sharded import ShardedClient
 from lightning_adag.transports.tcp import split_address
 from lightning_adag.worker import Worker, check_overlappable
@@ -343,6 +344,7 @@ class ADAGStrategy(DDPStrategy):
         if self._servers:
             if self._interrupted and isinstance(self.launcher, _CheckingSubprocessLauncher):
                 self.launcher.stop_workers(WORKERS_STOP_GRACE)
+            _announce_server_stopped(self._run)
             for server in self._servers:
                 server.stop()
             self._servers = []
@@ -362,10 +364,10 @@ class ADAGStrategy(DDPStrategy):
     def _dynamic_sampler(
         self, trainer: pl.Trainer, dataloader: Any, resume: tuple[int, int] | None
     ) -> DynamicSampler | None:
-        client, run, rank = self.worker.client, self._run, self.global_rank
+        worker, run, rank = self.worker, self._run, self.global_rank
 
         def take(epoch: int, plan: dict) -> tuple[int, int]:
-            return client.take({"run": run, "epoch": epoch, "worker": rank, "plan": plan})
+            return worker.take({"run": run, "epoch": epoch, "worker": rank, "plan": plan})
 
         self.sampler = sampler_for(trainer, dataloader, take, self._seed, self._chunk, resume)
         return self.sampler
@@ -455,6 +457,8 @@ class ADAGStrategy(DDPStrategy):
         if self.is_global_zero:
             try:
                 outcome = ("ok", ",".join(server.wait_ready() for server in self._servers), self._key)
+                if len(self._servers) == 1:
+                    self._servers[0].keep_running()  # a server that dies is replaced while rank 0 lives
             except Exception as err:
                 outcome = ("error", f"{type(err).__name__}: {err}", b"")
         status, detail, key = self.broadcast(outcome)
@@ -501,11 +505,29 @@ class ADAGStrategy(DDPStrategy):
         link = (self.global_rank, flat.layout, self.algorithm.spec(), self._key, self._server_timeout)
         pin_memory = self.root_device.type == "cuda"
         if len(addresses) > 1:
-            client = ShardedClient(addresses, *link, pin_memory=pin_memory)
+            # a center cut into parts does not survive a part server yet: its workers stop (see docs/behaviour.md)
+            client, reconnect = ShardedClient(addresses, *link, pin_memory=pin_memory), None
         else:
-            client = connect(self.transport, addresses[0], *link, pin_memory=pin_memory)
+            connect_once = functools.partial(connect, self.transport, addresses[0], *link, pin_memory=pin_memory)
+            client = connect_once()
+            owned_by_rank_zero = self._external_server is None and not self.is_global_zero
+
+            def reconnect() -> Client:
+                if owned_by_rank_zero:  # no new server will come: fail now rather than after server_timeout
+                    _check_server_owner(self._run)
+                return connect_once()
+
         try:
-            worker = Worker(flat, client, self.algorithm, self._compression, self._error_feedback, self._overlap)
+            worker = Worker(
+                flat,
+                client,
+                self.algorithm,
+                self._compression,
+                self._error_feedback,
+                self._overlap,
+                reconnect=reconnect,
+                patience=self._server_timeout,
+            )
         except BaseException:
             client.close()
             raise
@@ -536,6 +558,41 @@ def _address_toward(host: str) -> str:
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
         probe.connect(where)  # a UDP connect sends nothing; it only picks the route
         return probe.getsockname()[0]
+
+
+def _server_stopped_key(run: str) -> str:
+    return f"adag/{run}/server-stopped"
+
+
+def _announce_server_stopped(run: str) -> None:
+    """Tell the other workers, through the process group's store, that rank 0 stops the run's server on purpose
+    (the run ends, perhaps after an error on rank 0), so that none waits for it to come back."""
+    if torch.distributed.is_initialized():
+        try:
+            _default_store().set(_server_stopped_key(run), "1")
+        except RuntimeError:
+            pass  # the store is gone too: the workers find that out instead
+
+
+def _check_server_owner(run: str) -> None:
+    """Raise a ``RuntimeError`` if global rank 0, which runs this run's server, stopped it or is gone."""
+    try:
+        stopped = _default_store().check([_server_stopped_key(run)])
+    except RuntimeError as err:  # the store lives in rank 0's process (or torchrun's agent)
+        raise RuntimeError(
+            f"global rank 0, which runs the parameter server, is gone ({err}): the run cannot continue; see rank 0's"
+            " log for why it stopped"
+        ) from err
+    if stopped:
+        raise RuntimeError(
+            "global rank 0 stopped the parameter server: the run is ending, probably after an error on rank 0;"
+            " see its log"
+        )
+
+
+def _default_store() -> torch.distributed.Store:
+    """The default process group's rendezvous store (torch keeps no public accessor)."""
+    return torch.distributed.distributed_c10d._get_default_store()
 
 
 def _restored_center(restored: CenterRecord, layout: Layout) -> Tensor | None:

@@ -36,7 +36,7 @@ class Kind(enum.IntEnum):
     AUTH = 2  # peer -> server, HMAC of the nonce and a nonce of its own
     AUTH_OK = 3  # server -> peer, HMAC of the peer's nonce (the server knows the key too)
     HELLO = 4  # worker -> server, JSON {rank, layout, algorithm}; answered by WELCOME
-    WELCOME = 5  # server -> worker, JSON {mailbox (shared memory only), initialized, clock}
+    WELCOME = 5  # server -> worker, JSON {mailbox (shared memory only), initialized, clock, incarnation}
     INIT = 6  # worker -> server, the vector; sets the center if the server holds none; answered by CENTER
     COMMIT = 7  # worker -> server, dtype = the delta's, a commit payload; answered by CENTER
     PULL = 8  # worker -> server; answered by CENTER
@@ -49,11 +49,13 @@ class Kind(enum.IntEnum):
     STATE = 15  # server -> worker, the vector (GET_STATE), or whether it was taken (PUT_STATE)
     TAKE = 16  # worker -> server, JSON {run, epoch, worker, plan}: the next chunk of an epoch's samples
     GIVEN = 17  # server -> worker, JSON {start, stop}: positions [start, stop) of the epoch's order (empty: none left)
+    RECOVER = 18  # worker -> server, the center it pulled from the server's previous incarnation; answered by CENTER
 
 
 #: The names of a header's two integers (``a``, ``b``), by frame kind; kinds not listed carry none.
 FIELDS: dict[Kind, tuple[str, str]] = {
     Kind.INIT: ("clock", ""),  # the clock the offered center stands at
+    Kind.RECOVER: ("clock", ""),
     Kind.COMMIT: ("pulled_clock", "steps"),  # the center the window started from, the local steps it holds
     Kind.CENTER: ("clock", "staleness"),  # the center's clock; for a commit's reply, its staleness (else 0)
     Kind.GET_STATE: ("index", ""),  # which of the algorithm's state vectors

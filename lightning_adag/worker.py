@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -12,7 +15,9 @@ from lightning_adag.algorithms import Algorithm
 from lightning_adag.flat import FlatState
 from lightning_adag.payload import CommitPayload
 from lightning_adag.staging import Staging
-from lightning_adag.wire import Receipt
+from lightning_adag.wire import Receipt, ServerGoneError
+
+log = logging.getLogger(__name__)
 
 
 def check_overlappable(algorithm: Algorithm) -> None:
@@ -52,6 +57,16 @@ class Worker:
     When the center's dtype is wider than the model's (16-bit "true" precision: a float32 center), the model can
     only show the center rounded; :meth:`show_center` then also keeps it exactly, on the CPU, in
     :attr:`exact_center` until :meth:`resume_window`, so that a checkpoint resumes from the center itself.
+
+    ``reconnect`` (a function returning a new connected client) lets the worker survive its server: when the
+    server is gone, the worker connects again, for up to ``patience`` seconds, and goes on. To a restarted server
+    it offers the center it holds (θ⁰, the center of its last pull, with that pull's clock; see
+    ``ServerCore.recover``), so the restarted server recovers the newest center any worker pulled. A commit that
+    was not acknowledged is counted in :attr:`lost_commits` and not sent again (the old server may have applied
+    it, and a center another worker pulled may hold it): its window's steps are dropped, and the worker goes on
+    from the recovered center. With ``overlap`` the commit in flight is the one lost and the steps taken since are
+    kept; its θ⁰ (θ as it committed) is then no center, so it offers it only as a server's first center (as INIT
+    does), and AEASGD, whose workers never hold the center, offers θ the same way.
     """
 
     def __init__(
@@ -62,6 +77,8 @@ class Worker:
         compression: torch.dtype | None = None,
         error_feedback: bool = True,
         overlap: bool = False,
+        reconnect: Callable[[], object] | None = None,
+        patience: float = 0.0,
     ) -> None:
         if overlap:
             check_overlappable(algorithm)
@@ -82,6 +99,9 @@ class Worker:
         self._in_flight: Future | None = None
         self.completed: list[Receipt] = []
         self.exact_center: Tensor | None = None
+        self._reconnect, self._patience = reconnect, patience
+        self.lost_commits = 0  # commits whose server died before it acknowledged them
+        self.reconnections = 0
 
     def offer_initial_center(
         self, clock: int, server_state: dict[str, Tensor] | None = None, center: Tensor | None = None
@@ -101,13 +121,16 @@ class Worker:
     def server_state(self) -> tuple[int | None, dict[str, Tensor]]:
         """Copies (on the CPU) of the algorithm's server-side state vectors, all read at one clock, and that clock
         (``None`` when the algorithm keeps none, so they belong to any clock)."""
-        client = self._link()
-        region = client.mailbox[: self.flat.trainable]
+        self._link()
         while True:
             clocks, state = set(), {}
-            for index, name in enumerate(self.algorithm.state_names):
-                clocks.add(client.get_state(index).clock)
-                state[name] = region.clone()
+            try:
+                for index, name in enumerate(self.algorithm.state_names):
+                    clocks.add(self.client.get_state(index).clock)
+                    state[name] = self.client.mailbox[: self.flat.trainable].clone()
+            except ServerGoneError as err:
+                self._recover(err)
+                continue
             if len(clocks) <= 1:  # else a commit slipped in between two vectors: read them again
                 return (clocks.pop() if clocks else None), state
 
@@ -139,12 +162,16 @@ class Worker:
             self._write_payload(self.center, steps)
             self._staging.center_consumed()
         self._link()
-        receipt = self._exchange(clock, steps)
+        try:
+            receipt = self._exchange(clock, steps)
+        except ServerGoneError as err:
+            receipt = self._lose_commit(err, exact=restarts)
+        else:
+            self.completed.append(receipt)
         if restarts:
             self.install(receipt)
         else:
             self.pulled_clock = receipt.clock
-        self.completed.append(receipt)
         return receipt
 
     def poll(self) -> Receipt | None:
@@ -158,13 +185,17 @@ class Worker:
         if self._in_flight is None:
             return None
         future, self._in_flight = self._in_flight, None
-        receipt = future.result()
+        try:
+            receipt = future.result()
+        except ServerGoneError as err:
+            receipt = self._lose_commit(err, exact=False)  # θ⁰ holds θ as it was at the commit, not a center
+        else:
+            self.completed.append(receipt)
         center, trainable = self._staging.center_ready(), self.flat.trainable
         kernels.fold_center(center[:trainable], self.theta, self._theta0)
         kernels.fold_center(center[trainable:], self.flat.vector[trainable:], self._values0)
         self._staging.center_consumed()
         self.pulled_clock = receipt.clock
-        self.completed.append(receipt)
         return receipt
 
     @property
@@ -189,9 +220,20 @@ class Worker:
 
     def fetch(self) -> Receipt:
         """Pull the center into :attr:`center` without touching θ."""
-        receipt = self._link().pull()
+        try:
+            receipt = self._link().pull()
+        except ServerGoneError as err:
+            return self._recover(err)
         self._staging.download()
         return receipt
+
+    def take(self, request: dict) -> tuple[int, int]:
+        """The next chunk of training samples (see ``Client.take``), through a server restart if need be."""
+        try:
+            return self.client.take(request)
+        except ServerGoneError as err:
+            self._recover(err)
+            return self.client.take(request)
 
     def install(self, receipt: Receipt) -> Receipt:
         """Start a window from the center the last exchange brought: θ ← C, θ⁰ ← C (one fused pass)."""
@@ -246,6 +288,54 @@ class Worker:
         receipt = self.client.commit(pulled_clock, steps, self.payload)
         self._staging.download()
         return receipt
+
+    def _lose_commit(self, err: ServerGoneError, exact: bool) -> Receipt:
+        self.lost_commits += 1
+        return self._recover(err, exact)
+
+    def _recover(self, err: ServerGoneError, exact: bool | None = None) -> Receipt:
+        """Connect again (raising ``err`` without ``reconnect``, or once ``patience`` has passed), offer a restarted
+        server the center this worker holds (``exact``: θ⁰ is the center of its last pull, as it is outside an
+        overlapped exchange), and bring the server's center into the staging area. Returns its receipt."""
+        if self._reconnect is None:
+            raise err
+        if exact is None:
+            exact = self.algorithm.restarts_from_center and self._in_flight is None
+        gone, deadline = self.client, time.monotonic() + self._patience
+        gone.close()
+        self._staging.close()
+        log.warning("%s; connecting again for up to %.0f s", err, self._patience)
+        while True:
+            try:
+                client = self._reconnect()
+            except ServerGoneError as again:
+                if time.monotonic() > deadline:
+                    raise ServerGoneError(
+                        f"{err}; it did not come back within server_timeout={self._patience:g} s ({again})"
+                    ) from again
+                time.sleep(0.2)
+                continue
+            try:
+                if client.incarnation == gone.incarnation:  # the same server: only the connection broke
+                    receipt = client.pull()
+                else:
+                    receipt = self._offer_center(client, exact)
+                    log.warning("the parameter server restarted; it resumes at clock %d", receipt.clock)
+                break
+            except ServerGoneError:  # gone again already: try again
+                client.close()
+        self.client, self.reconnections = client, self.reconnections + 1
+        self._staging = Staging(client.mailbox, self.payload, self.flat.vector.device)
+        self._staging.download()
+        return receipt
+
+    def _offer_center(self, client, exact: bool) -> Receipt:
+        """Offer θ⁰ (for AEASGD, θ) and the local values: as the center of the last pull when ``exact``, else only as
+        a first center (in an overlapped exchange θ⁰ is θ as committed, so that the fold keeps the steps since)."""
+        trainable = self.flat.trainable
+        client.mailbox[trainable:].copy_(self.flat.vector[trainable:])
+        client.mailbox[:trainable].copy_(self._theta0 if self.algorithm.restarts_from_center else self.theta)
+        return client.recover(self.pulled_clock) if exact else client.initialize(self.pulled_clock)
 
     def _link(self):
         """The client, once nothing else uses the mailbox: no exchange in flight, no copy still reading it."""

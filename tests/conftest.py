@@ -19,6 +19,8 @@ from lightning_adag.server.launch import ServerProcess, start_parts
 
 SCRIPTS = Path(__file__).parent / "scripts"
 SHM = Path("/dev/shm")
+#: train.py options for a run long enough to kill its server in the middle of (rank 0 sleeps at every step).
+SLOW_RANK_ZERO = ("--slow-rank", "0", "--slow-sleep", "0.03")
 
 
 def free_port() -> int:
@@ -162,3 +164,18 @@ def script(tmp_path):
         run.kill_all()
         for path in adag_leftovers() - before:
             Path(path).unlink(missing_ok=True)
+
+
+def assert_recovered(results: dict[int, dict], kills: int) -> None:
+    """Every worker reconnected once per kill; the server's clock counts every acknowledged commit and at most
+    the lost ones besides; the final center is everywhere and as accurate as an undisturbed run's."""
+    assert sorted(results) == [0, 1]
+    assert all(result["reconnections"] == kills for result in results.values())
+    attempted = sum(result["commits"] for result in results.values())
+    lost = sum(result["lost_commits"] for result in results.values())
+    assert lost <= kills * len(results)  # one commit in flight per worker at most
+    clock = results[0]["final_clock"]
+    assert clock == results[1]["final_clock"]
+    assert attempted - lost <= clock - results[0]["start_clock"] <= attempted
+    assert results[0]["digest"] == results[1]["digest"]
+    assert results[0]["validate"]["val_acc"] >= 0.9  # as test_trains_to_accuracy_and_leaves_the_center_everywhere

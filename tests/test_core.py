@@ -288,3 +288,47 @@ def test_finite_values_whose_sum_overflows_are_accepted():
     assert not torch.isfinite(delta.sum())
     assert core.commit(0, delta, 0).clock == 1
     assert torch.equal(core.center, torch.full((6,), 60000.0, dtype=torch.float64))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    old=st.lists(st.tuples(st.integers(0, 2), st.integers(-8, 8)), max_size=12),
+    snapshot_at=st.floats(0, 1),
+    events=st.lists(st.one_of(st.tuples(st.just("offer"), st.integers(0, 2)), st.integers(-8, 8)), max_size=10),
+)
+def test_a_restarted_server_recovers_every_commit_of_the_newest_offered_center_and_keeps_new_ones(
+    old, snapshot_at, events
+):
+    """The law of recovery: after a restart the center holds the first R commits of the old history, R being the
+    newest clock among the snapshot and the offers, plus every commit since, whatever order offers and new commits
+    arrive in (deltas are small integers in float64, so sums are exact)."""
+    trainable = 4
+    before = make_core()
+    pulled = {worker: (torch.zeros(6, dtype=torch.float64), 0) for worker in range(3)}
+    snapshot, snapshot_clock = before.snapshot(), 0
+    for index, (worker, value) in enumerate(old):
+        out = torch.empty(6, dtype=torch.float64)
+        receipt = before.commit(worker, torch.full((6,), float(value), dtype=torch.float64), pulled[worker][1], out=out)
+        pulled[worker] = (out, receipt.clock)
+        if index < snapshot_at * len(old):
+            snapshot, snapshot_clock = before.snapshot(), receipt.clock
+    after = ServerCore()
+    after.restore(snapshot)
+    newest, new_sum = snapshot_clock, 0
+    for event in events:
+        if isinstance(event, tuple):
+            center, clock = pulled[event[1]]
+            after.recover(center.clone(), clock)
+            newest = max(newest, clock)
+        else:
+            after.commit(9, torch.full((6,), float(event), dtype=torch.float64), after.clock)
+            new_sum += event
+    assert after.clock == newest + sum(1 for event in events if not isinstance(event, tuple))
+    expected = sum(value for _, value in old[:newest]) + new_sum
+    assert torch.equal(after.center[:trainable], torch.full((trainable,), float(expected), dtype=torch.float64))
+
+
+def test_an_offer_to_a_server_that_never_restarted_changes_nothing():
+    core = make_core(initial=torch.ones(6, dtype=torch.float64), clock=5)
+    assert core.recover(torch.full((6,), 7.0, dtype=torch.float64), 9).clock == 5
+    assert torch.equal(core.center, torch.ones(6, dtype=torch.float64))

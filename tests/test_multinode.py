@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import signal
+import time
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import SLOW_RANK_ZERO, assert_recovered, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +122,34 @@ def test_a_standalone_server_outlives_runs_and_its_own_restart(script, tmp_path)
     assert "worker 0" in script.output() and "joined" in script.output()  # the server logs each worker
     server.send_signal(signal.SIGTERM)
     script.wait(server, 30)
+
+
+def test_a_standalone_server_killed_mid_run_restarts_and_the_run_finishes(script, tmp_path):
+    """kill -9 the standalone server mid-run and start it again with its snapshot: the workers reconnect by
+    themselves, the server recovers the newest center they pulled (newer than its snapshot), and the run ends as
+    accurate as an undisturbed one, having lost at most the commits in flight."""
+    port, key = free_port(), {"ADAG_AUTH_KEY": "restart-test-key"}
+    snapshot = tmp_path / "center.pt"
+    server_args = ("--port", str(port), "--checkpoint", str(snapshot), "--checkpoint-every", "1")
+    run = script.start("train.py", "--epochs", "4", "--window", "2", "--batch-size", "16", *SLOW_RANK_ZERO,
+                       "--server", f"127.0.0.1:{port}", env=key)  # fmt: skip
+    server = script.start("lightning_adag.server", *server_args, launcher=("-m",), env=key, out=False)
+    script.wait_for("committing0")
+    script.wait_for("committing1")
+    while not snapshot.exists():
+        assert run.poll() is None, script.output()
+        time.sleep(0.05)
+    server.kill()
+    script.wait(server, 30)
+    server = script.start("lightning_adag.server", *server_args, launcher=("-m",), env=key, out=False)
+    assert script.wait(run, 300) == 0, script.output()
+    log = script.output()
+    restored = int(re.search(r"restored the center at clock (\d+)", log).group(1))
+    resumed = [int(clock) for clock in re.findall(r"resumes at clock (\d+)", log)]
+    assert len(resumed) == 2 and max(resumed) >= restored, log
+    assert_recovered(script.results(), kills=1)
+    server.send_signal(signal.SIGTERM)
+    assert script.wait(server, 30) == 0
 
 
 def test_workers_without_the_key_are_refused_with_a_clear_error(script):

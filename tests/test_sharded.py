@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import running_parts
+from conftest import SLOW_RANK_ZERO, running_parts, tagged_processes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_multinode import launch_two_nodes
@@ -337,3 +337,19 @@ def test_two_nodes_each_serve_one_part_of_the_center(script):
     assert results[0]["parts_served"] == ["0/2"] and results[1]["parts_served"] == ["1/2"]
     assert results[0]["digest"] == results[1]["digest"]
     assert results[0]["validate"]["val_acc"] >= 0.85  # what two single-server nodes reach with these settings
+
+
+@pytest.mark.slow
+def test_a_killed_part_server_stops_every_worker_with_an_error_naming_its_part(script):
+    """Unlike one server, a center cut into parts does not survive a part server yet: nobody reconnects or starts
+    the part again, and every worker stops at its next exchange (not after server_timeout), naming the part."""
+    script.start("train.py", "--epochs", "50", "--no-val", "--servers", "2", *SLOW_RANK_ZERO)
+    script.wait_for("committing0")
+    script.wait_for("committing1")
+    (part,) = [p for p in tagged_processes(script.tag) if "1/2" in p.cmdline()]
+    part.kill()
+    assert script.wait(script.proc, timeout=60) != 0  # server_timeout is 120 s: nobody waited for a new part
+    output = script.output()
+    assert "It held part 1 of a center cut into 2; a run over several servers does not survive" in output, output
+    assert "starting a new one" not in output and "connecting again" not in output, output
+    assert not script.leftovers(), output

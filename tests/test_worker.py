@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 import time
 
@@ -14,9 +15,11 @@ from torch import nn
 from lightning_adag.algorithms import ADAG, AEASGD, DOWNPOUR
 from lightning_adag.checkpoint import CenterRecord
 from lightning_adag.flat import FlatState
+from lightning_adag.server.launch import ServerProcess
 from lightning_adag.strategy import _restored_center
 from lightning_adag.transports import connect
-from lightning_adag.wire import ServerRefusedError
+from lightning_adag.transports.shm import ShmListener
+from lightning_adag.wire import ServerGoneError, ServerRefusedError
 from lightning_adag.worker import Worker
 
 
@@ -304,3 +307,93 @@ def test_a_bfloat16_model_accumulates_into_a_float32_center():
             worker.offer_initial_center(7, center=_restored_center(saved, flat.layout))
             assert worker.fetch().clock == 7 and torch.equal(worker.center, center)
             worker.close()
+
+
+def test_workers_rejoin_a_restarted_server_which_recovers_the_newest_center_they_pulled():
+    """kill -9 the server between two workers' commits and start a new one at its address: each worker's next
+    commit is lost (counted, not resent), and the new server, which holds nothing, recovers exactly the newest
+    center either worker had pulled; then training goes on."""
+    where = ShmListener.default_where()
+    server = ServerProcess.start("k", where=where)
+    model_a, model_b = make_model(), make_model()
+    flats = [FlatState(model) for model in (model_a, model_b)]
+    algorithm = ADAG(1)
+    workers = []
+    try:
+        server.wait_ready()
+        for rank, flat in enumerate(flats):
+            reconnect = functools.partial(connect, "shm", where, rank, flat.layout, algorithm.spec(), b"k", 30)
+            workers.append(Worker(flat, reconnect(), algorithm, reconnect=reconnect, patience=30))
+        workers[0].offer_initial_center(0)
+        for worker in workers:
+            worker.reset_to_center()
+        for worker, model, batch in zip(workers, (model_a, model_b), batches(2)):
+            step(model, torch.optim.SGD(model.parameters(), lr=0.1), batch)
+            worker.commit(1)
+        newest = workers[1].theta0.clone()  # the center at clock 2, which only worker 1 pulled
+        assert [worker.pulled_clock for worker in workers] == [1, 2]
+        server.process.kill()
+        server.stop()
+        server = ServerProcess.start("k", where=where)
+        server.wait_ready()
+        for worker in workers:
+            worker.commit(1)  # lost: the server it was sent to is gone
+        assert [worker.lost_commits for worker in workers] == [1, 1]
+        assert [worker.reconnections for worker in workers] == [1, 1]
+        assert workers[1].pulled_clock == 2 and torch.equal(workers[1].theta0, newest)
+        assert workers[0].commit(1).clock == 3  # and training goes on
+    finally:
+        for worker in workers:
+            worker.close()
+        server.stop()
+
+
+def test_a_worker_whose_server_does_not_come_back_fails_with_a_clear_error():
+    with running_server() as server:
+        flat = FlatState(make_model())
+        reconnect = functools.partial(connect, "shm", server.address, 0, flat.layout, ADAG(1).spec(), b"k", 30)
+        worker = Worker(flat, reconnect(), ADAG(1), reconnect=reconnect, patience=1)
+        worker.offer_initial_center(0)
+        worker.reset_to_center()
+        server.process.kill()
+        server.process.wait()
+        with pytest.raises(ServerGoneError, match="did not come back within server_timeout=1 s"):
+            worker.commit(1)
+        worker.close()
+
+
+def test_an_overlapped_worker_loses_only_the_commit_in_flight_and_keeps_the_steps_since():
+    where = ShmListener.default_where()
+    server = ServerProcess.start("k", where=where)
+    model = make_model()
+    flat, algorithm = FlatState(model), ADAG(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reconnect = functools.partial(connect, "shm", where, 0, flat.layout, algorithm.spec(), b"k", 30)
+    worker = None
+    try:
+        server.wait_ready()
+        worker = Worker(flat, reconnect(), algorithm, overlap=True, reconnect=reconnect, patience=30)
+        worker.offer_initial_center(0)
+        worker.reset_to_center()
+        data = batches(3)
+        step(model, optimizer, data[0])
+        worker.commit(1)
+        assert worker.settle().clock == 1
+        server.process.kill()
+        server.stop()
+        server = ServerProcess.start("k", where=where)
+        server.wait_ready()
+        step(model, optimizer, data[1])
+        worker.commit(1)  # in flight to a dead server
+        step(model, optimizer, data[2])
+        theta = worker.theta.clone()
+        worker.commit(1)  # finds the exchange in flight lost and recovers before it commits this window
+        assert worker.lost_commits == 1 and worker.reconnections == 1
+        assert torch.equal(worker.theta, theta)  # the step since the lost commit is kept
+        assert worker.settle().clock == 2  # the new server started from θ as committed, at clock 1
+        # the new center: θ as committed, plus that window's delta (θ − θ as committed, λ = 1)
+        assert torch.allclose(worker.theta0, theta, atol=1e-6)
+    finally:
+        if worker is not None:
+            worker.close()
+        server.stop()

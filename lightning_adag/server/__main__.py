@@ -22,7 +22,7 @@ from lightning_adag import auth
 from lightning_adag.server.aggregator import GATHER, AggregatorCore
 from lightning_adag.server.core import SHARD_BYTES, ServerCore
 from lightning_adag.server.service import Service
-from lightning_adag.server.snapshots import Snapshotter
+from lightning_adag.server.snapshots import SnapshotError, Snapshotter
 from lightning_adag.transports import TRANSPORTS
 from lightning_adag.transports.base import Listener
 
@@ -160,8 +160,10 @@ def serve(args: argparse.Namespace) -> int:
         snapshotter = None
         service = Service(aggregator, key, assignments=aggregator)
     stop_snapshots = threading.Event()
+    code = 0
     try:
         if snapshotter is not None:
+            snapshotter.check_path()
             snapshotter.restore()
             threading.Thread(target=snapshotter.run, args=(stop_snapshots,), daemon=True).start()
         addresses = []
@@ -176,9 +178,12 @@ def serve(args: argparse.Namespace) -> int:
         service.serve(lifeline=args.lifeline_fd)
     except (KeyboardInterrupt, SystemExit):
         pass
+    except SnapshotError as err:
+        log.error("%s", err)
+        code = 1
     except OSError as err:
         log.error("cannot listen: %s (choose another --port, or stop the process that holds it)", err)
-        return 1
+        code = 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the clean-up even if asked again
         log.info("stopping")
@@ -186,10 +191,10 @@ def serve(args: argparse.Namespace) -> int:
         service.close()
         if aggregator is not None:
             aggregator.close()
-        if snapshotter is not None:
-            snapshotter.save()
+        if snapshotter is not None and code == 0 and not snapshotter.save_or_log():
+            code = 1  # the clean-up is done; the exit code says that the last commits are not in the snapshot
         log.info("stopped")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -126,6 +126,10 @@ class AggregatorCore:
             self._seen(receipt)
             return receipt
 
+    def recover(self, values: Tensor, clock: int, worker: int | None = None) -> Receipt:
+        """Refused: an aggregator never restarts under its workers, so no worker holds one of its centers."""
+        raise ValueError("a node's aggregator holds no center of its own to recover")
+
     def commit(
         self, worker: int, delta: Tensor, pulled_clock: int, out: Tensor | None = None, values: Tensor | None = None
     ) -> Receipt:

@@ -143,6 +143,10 @@ class ServerCore:
         self.clock = 0
         self.initialized = False
         self.workers: dict[int, WorkerRecord] = {}
+        # The newest center of a previous incarnation this server knows (trainable region) and its clock: a
+        # snapshot's, or one a reconnecting worker offered (see :meth:`recover`). None on a server never restarted.
+        self._base: Tensor | None = None
+        self._base_clock = 0
 
     def configure(self, layout: Layout, algorithm_spec: dict) -> None:
         """Accept a worker's layout and algorithm: the first one defines them, later ones must agree."""
@@ -169,6 +173,36 @@ class ServerCore:
                 self.center.copy_(values)
                 self.clock = clock
                 self.initialized = True
+            return Receipt(self.clock)
+
+    def recover(self, values: Tensor, clock: int, worker: int | None = None) -> Receipt:
+        """Take ``values``, a center at ``clock`` that a worker pulled from this server's previous incarnation (the
+        process before a restart), so that a restarted server loses no more than the commits in flight.
+
+        A server without a center starts from it. Otherwise the offer counts only if it is newer than the newest
+        center of the previous incarnation the server knows (its snapshot, or an earlier offer): that history is
+        linear, so the offer holds exactly the commits between the two, and they are added to the center,
+        ``C ← C + (offer − known)`` on the trainable region, with the clock advanced by their number. The commits
+        applied since the restart stay; values that travel by value are the offer's only if there were none. An
+        offer no newer, or to a server that was never restarted, changes nothing. Either way, return the clock.
+        The offering ``worker``, if named, is known to hold the offer (rules that keep pulled centers need it)."""
+        if not 0 <= clock < MAX_CLOCK:
+            raise ValueError(f"clock must be in [0, 2**62), got {clock}")
+        require_finite(values, "a recovered center", RESTORED)
+        with self._quiesced():
+            self._require_layout()
+            trainable = self.layout.trainable
+            if worker is not None:
+                self.algorithm.server_pulled(worker, clock, values[:trainable])
+            if not self.initialized or (self._base is not None and self.clock == self._base_clock < clock):
+                self.center.copy_(values)
+                self.clock, self.initialized = clock, True
+            elif self._base is not None and clock > self._base_clock:
+                self.center[:trainable] += values[:trainable] - self._base
+                self.clock += clock - self._base_clock
+            else:
+                return Receipt(self.clock)
+            self._remember_base(values[:trainable], clock)
             return Receipt(self.clock)
 
     def commit(
@@ -239,6 +273,8 @@ class ServerCore:
             for name, values in snapshot.get("server_state", {}).items():
                 self._load_server_state(name, values)
         self.initialize(snapshot["center"], int(snapshot["clock"]))
+        with self._quiesced():
+            self._remember_base(self.center[: self.layout.trainable], self.clock)
 
     def read_state(self, index: int, out: Tensor) -> Receipt:
         """Copy the algorithm's server-side vector number ``index`` (see ``Algorithm.state_names``) into ``out``,
@@ -313,6 +349,13 @@ class ServerCore:
             for lock in self._locks:  # in walk order: a commit in flight holds one and waits for the next
                 stack.enter_context(lock)
             yield
+
+    def _remember_base(self, trainable: Tensor, clock: int) -> None:
+        if self._base is None:
+            self._base = trainable.clone()
+        else:
+            self._base.copy_(trainable)
+        self._base_clock = clock
 
     def _load_server_state(self, name: str, values: Tensor) -> None:
         require_finite(values, f"the server state {name!r}", RESTORED)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_adag import auth
 from lightning_adag.transports import TRANSPORTS
+
+log = logging.getLogger(__name__)
 
 #: Runs ``lightning_adag.server`` without the package's ``__init__``, which imports Lightning to register the
 #: strategy: seconds of start-up and hundreds of MB that a server, which never touches Lightning, does not need.
@@ -29,6 +34,7 @@ class ServerProcess:
     The server gets the read end of a pipe (the lifeline) and stops by itself when it reaches end-of-file or its
     parent changes, so it never outlives its owner, even one killed with SIGKILL. It runs in its own session so that a
     Ctrl+C in the terminal reaches the training processes, which then stop it in order, rather than the server first.
+    With :meth:`keep_running`, a server that dies before :meth:`stop` is replaced by a new one at its address.
     """
 
     def __init__(self, process: subprocess.Popen, transport: str, where: str, lifeline: int, ready: int):
@@ -38,6 +44,9 @@ class ServerProcess:
         self._where = where
         self._lifeline = lifeline
         self._ready = ready
+        self._relaunch = None  # how to start another one like it (set by start)
+        self._guard = threading.Lock()  # stop() against the keeper's swap of processes
+        self._stopping = False
 
     @classmethod
     def start(
@@ -80,7 +89,9 @@ class ServerProcess:
         finally:
             os.close(lifeline_read)
             os.close(ready_write)
-        return cls(process, transport, where, lifeline_write, ready_read)
+        server = cls(process, transport, where, lifeline_write, ready_read)
+        server._relaunch = functools.partial(cls.start, key, transport, log_level=log_level, options=options)
+        return server
 
     def wait_ready(self, timeout: float = 60.0) -> str:
         """Block until the server listens; return its address."""
@@ -96,9 +107,45 @@ class ServerProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    def keep_running(self) -> None:
+        """Once ready: whenever the server dies before :meth:`stop`, log a warning and start a new one at the same
+        address, with the same key and options (its workers reconnect and recover the center)."""
+        threading.Thread(target=self._restart_when_it_dies, name="adag-server-keeper", daemon=True).start()
+
+    def _restart_when_it_dies(self) -> None:
+        while True:
+            code = self.process.wait()
+            with self._guard:
+                if self._stopping:
+                    return
+                log.warning(
+                    "the parameter server (pid %d) died (exit code %d); starting a new one at %s: the workers"
+                    " reconnect, and it recovers the newest center they pulled",
+                    self.pid,
+                    code,
+                    self.address,
+                )
+                TRANSPORTS[self._transport].listener.clean_up(self._where)
+                replacement = self._relaunch(where=self.address)  # the address bound, should port 0 have been asked
+            try:
+                replacement.wait_ready()
+            except Exception as err:
+                log.error("the new parameter server did not start (%s); the workers will fail", err)
+                replacement.stop()
+                return
+            with self._guard:
+                if self._stopping:
+                    replacement.stop()
+                    return
+                os.close(self._lifeline)
+                self.process, self._lifeline, replacement._lifeline = replacement.process, replacement._lifeline, -1
+            log.warning("the new parameter server (pid %d) listens at %s", self.pid, self.address)
+
     def stop(self, grace: float = 10.0) -> None:
         """Stop the server (SIGTERM: it finishes serving and cleans up; SIGKILL after ``grace`` seconds) and
         remove anything it could not."""
+        with self._guard:
+            self._stopping = True
         for fd in (self._lifeline, self._ready):
             if fd >= 0:
                 os.close(fd)

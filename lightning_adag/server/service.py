@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import selectors
 import socket
 import threading
@@ -63,6 +64,7 @@ class Service:
         self._connections: set[socket.socket] = set()
         self._guard = threading.Lock()
         self._handshake_slots = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
+        self.incarnation = secrets.token_hex(8)  # workers tell a restarted server from the one they left
 
     def listen(self, listener: Listener) -> None:
         listener.socket.listen(256)
@@ -140,7 +142,12 @@ class Service:
             finally:
                 watchdog.cancel()
                 self._handshake_slots.release()
-            welcome = {**channel.welcome, "initialized": self.core.initialized, "clock": self.core.clock}
+            welcome = {
+                **channel.welcome,
+                "initialized": self.core.initialized,
+                "clock": self.core.clock,
+                "incarnation": self.incarnation,
+            }
             wire.send(conn, wire.Kind.WELCOME, payload=wire.json_payload(welcome))
             log.info("%s joined at clock %d", who, self.core.clock)
             max_payload = max(layout.nbytes, wire.MAX_CONTROL_PAYLOAD)
@@ -205,9 +212,12 @@ class Service:
             delta, values = payload.views(sent)
             receipt = self.core.commit(rank, delta, header.pulled_clock, out=buffer, values=values)
             channel.reply(conn, wire.Kind.CENTER, buffer, clock=receipt.clock, staleness=receipt.staleness)
-        elif kind is wire.Kind.INIT:
+        elif kind is wire.Kind.INIT or kind is wire.Kind.RECOVER:
             channel.receive(conn, header, buffer)
-            self.core.initialize(buffer, header.clock)
+            if kind is wire.Kind.INIT:
+                self.core.initialize(buffer, header.clock)
+            else:
+                self.core.recover(buffer, header.clock, rank)
             channel.reply(conn, wire.Kind.CENTER, buffer, clock=self.core.read(buffer, rank).clock)
         elif kind is wire.Kind.PUT_STATE:
             channel.receive(conn, header, trainable)

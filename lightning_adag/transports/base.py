@@ -65,6 +65,13 @@ class Client:
         way the mailbox then holds the server's center."""
         return Receipt(self._exchange(wire.Kind.INIT, self.mailbox, wire.Kind.CENTER, self.mailbox, clock=clock).clock)
 
+    def recover(self, clock: int) -> Receipt:
+        """Offer the mailbox as the center at ``clock`` that this worker pulled from the server's previous
+        incarnation (see ``ServerCore.recover``); the mailbox then holds the server's center."""
+        return Receipt(
+            self._exchange(wire.Kind.RECOVER, self.mailbox, wire.Kind.CENTER, self.mailbox, clock=clock).clock
+        )
+
     def commit(self, pulled_clock: int, steps: int, payload: CommitPayload | None = None) -> Receipt:
         """Commit the ``payload`` written at the start of the mailbox (see :mod:`lightning_adag.payload`); by
         default the whole mailbox, a delta in the center's dtype."""
@@ -142,8 +149,11 @@ class Client:
         if self.part is not None:
             hello["part"] = list(self.part)
         welcome = self._control(wire.Kind.HELLO, wire.json_payload(hello), expect=wire.Kind.WELCOME)
-        self.mailbox = self._open_mailbox(welcome.json(), layout)
+        welcome = welcome.json()
+        self.mailbox = self._open_mailbox(welcome, layout)
         self.layout = layout
+        #: Which run of the server process this connection reached: a restarted server has a new one.
+        self.incarnation = str(welcome.get("incarnation", ""))
 
     def _exchange(
         self,

@@ -1,7 +1,7 @@
 """A center cut into parts, each held by a server process of its own (``ADAGStrategy(servers=k)``).
 
 One server's bandwidth is every worker's payload in and center out: past one server's NIC, the center is cut into
-``k`` contiguous parts and ``adag-server --shard i/k`` holds part ``i``. A worker keeps one TCP connection per
+``k`` contiguous parts and ``adag-server --part i/k`` holds part ``i``. A worker keeps one TCP connection per
 part; an exchange sends every part's request, then receives every part's reply.
 
 **Where the cuts fall.** Only inside the trainable region, at multiples of 8 elements; the last part also carries
@@ -84,6 +84,13 @@ class _PartClient(TcpClient):
 
     def _open_mailbox(self, welcome: dict, layout: Layout) -> Tensor:
         return self._view
+
+    def _gone(self, what: str, err: BaseException) -> wire.ServerGoneError:
+        index, count = self.part
+        return wire.ServerGoneError(
+            f"{super()._gone(what, err)}. It held part {index} of a center cut into {count}; a run over several"
+            " servers does not survive a part server yet: resume it from its last checkpoint"
+        )
 
 
 class ShardedClient:

@@ -86,6 +86,7 @@ class Recorder(Callback):
         self.parts_served = []  # the parts of the center whose servers this process started
         self.final_clock = None
         self.server_stats = None
+        self.commits = self.lost_commits = self.reconnections = None
         self.start_server_state = None
         self.start_center = None
         self.sampler = None
@@ -113,8 +114,11 @@ class Recorder(Callback):
         self._last_batch_start = now
 
     def on_train_end(self, trainer, pl_module):
-        self.final_clock = trainer.strategy.worker.pulled_clock  # ADAGCallback's final pull ran before this
-        self.server_stats = trainer.strategy.worker.client.stats()
+        worker = trainer.strategy.worker
+        self.final_clock = worker.pulled_clock  # ADAGCallback's final pull ran before this
+        self.commits = next(c for c in trainer.callbacks if isinstance(c, lightning_adag.ADAGCallback)).commits
+        self.lost_commits, self.reconnections = worker.lost_commits, worker.reconnections
+        self.server_stats = worker.client.stats()
         trainer.strategy.barrier("recorded_stats")  # rank 0 stops the server once every rank has asked
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -272,6 +276,9 @@ def main() -> None:
         "parts_served": recorder.parts_served,
         "final_clock": recorder.final_clock,
         "server_stats": recorder.server_stats,
+        "commits": recorder.commits,
+        "lost_commits": recorder.lost_commits,
+        "reconnections": recorder.reconnections,
         "start_server_state": recorder.start_server_state,
         "start_center": recorder.start_center,
         "sampler": recorder.sampler,
