@@ -85,6 +85,7 @@ class ADAGStrategy(DDPStrategy):
             commit and pull goes to all of them at once. On several nodes part ``i`` runs on node
             ``i mod num_nodes``, so the nodes' network links add up; on one node, all run there. Each part
             applies commits atomically, but a pull may hold parts at different clocks (see docs/behaviour.md).
+            Unlike one server, a run over several does not survive a part server yet: its workers stop.
         start_method: how the worker processes start, as for DDP: ``"popen"`` (default), ``"spawn"``, ``"fork"``
             or ``"forkserver"``.
         server_timeout: seconds a worker waits for the server to answer before it fails.
