@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import time
 from datetime import timedelta
@@ -37,8 +38,9 @@ from lightning_adag.flat import FlatState, Layout, check_shareable
 from lightning_adag.lockstep import assign_training_data, check_asynchrony, disable_lockstep
 from lightning_adag.payload import COMPRESSIONS
 from lightning_adag.sampling import DynamicSampler, sampler_for
-from lightning_adag.server.launch import ServerProcess
+from lightning_adag.server.launch import ServerProcess, start_parts
 from lightning_adag.transports import TRANSPORTS, Client, connect
+from lightning_adag.transports.sharded import ShardedClient
 from lightning_adag.transports.tcp import split_address
 from lightning_adag.worker import Worker, check_overlappable
 
@@ -74,9 +76,16 @@ class ADAGStrategy(DDPStrategy):
             ``AEASGD(window=8, rho=5.0, elastic_lr=0.01)``).
         transport: ``"shm"`` (shared memory, all workers on one machine), ``"tcp"``, or ``"auto"``: shm when the
             run has one node, tcp otherwise or when ``server`` is given.
-        server: ``"host:port"`` of a running ``adag-server`` to join instead of starting one; workers read the
-            shared key from the ``ADAG_AUTH_KEY`` environment variable.
+        server: ``"host:port"`` of a running ``adag-server`` to join instead of starting one (or, for a center
+            cut into parts, ``"host:port,host:port,..."``: the servers started with ``--part 0/k``, ``1/k``... in
+            that order); workers read the shared key from the ``ADAG_AUTH_KEY`` environment variable.
         server_port: TCP port of the server this run starts (tcp transport only); default: the main port + 1.
+            With ``servers=k``, part ``i`` listens at ``server_port + i``, or at a free port.
+        servers: how many server processes hold the center, each a contiguous part of it (TCP only): every
+            commit and pull goes to all of them at once. On several nodes part ``i`` runs on node
+            ``i mod num_nodes``, so the nodes' network links add up; on one node, all run there. Each part
+            applies commits atomically, but a pull may hold parts at different clocks (see docs/behaviour.md).
+            Unlike one server, a run over several does not survive a part server yet: its workers stop.
         start_method: how the worker processes start, as for DDP: ``"popen"`` (default), ``"spawn"``, ``"fork"``
             or ``"forkserver"``.
         server_timeout: seconds a worker waits for the server to answer before it fails.
@@ -127,6 +136,7 @@ class ADAGStrategy(DDPStrategy):
         data: Literal["dynamic", "static"] = "dynamic",
         chunk: int | None = None,
         aggregate: Literal["node"] | None = None,
+        servers: int = 1,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -141,10 +151,24 @@ class ADAGStrategy(DDPStrategy):
         self.algorithm = resolve_algorithm(algorithm, window)
         if transport not in _TRANSPORTS:
             raise ValueError(f"transport must be one of {_TRANSPORTS}, got {transport!r}")
+        if isinstance(servers, bool) or not isinstance(servers, int) or servers < 1:
+            raise ValueError(f"servers must be a positive number of server processes, got {servers!r}")
         if server is not None:
-            split_address(server)
+            addresses = server.split(",")
+            for address in addresses:
+                split_address(address)
+            if servers not in (1, len(addresses)):
+                raise ValueError(f"servers={servers} but server= lists {len(addresses)} address(es): give one per part")
+            servers = len(addresses)
             if transport == "shm":
                 raise ValueError("server='host:port' is reached over TCP: use transport='tcp' or 'auto' with it")
+        if servers > 1 and transport == "shm":
+            raise ValueError(f"servers={servers} reaches its servers over TCP: use transport='tcp' or 'auto'")
+        if servers > 1 and aggregate is not None:
+            raise ValueError(
+                "aggregate='node' sends each node's commits to one server; a center cut into parts (servers > 1)"
+                " is not combined with it yet: choose one"
+            )
         if server_port is not None and not 0 <= server_port < 65536:
             raise ValueError(f"server_port must be in [0, 65535], got {server_port}")
         if start_method not in _START_METHODS:
@@ -183,7 +207,8 @@ class ADAGStrategy(DDPStrategy):
         self._compression = None if compression is None else COMPRESSIONS[compression]
         self._error_feedback = error_feedback
         self._overlap = overlap
-        self._server: ServerProcess | None = None
+        self._servers_count = servers
+        self._servers: list[ServerProcess] = []  # the part servers this process started and owns
         self._server_address: str | None = None
         self.worker: Worker | None = None
         self._record = CenterRecord()  # what the next checkpoint saves beside the weights
@@ -215,11 +240,15 @@ class ADAGStrategy(DDPStrategy):
         up and meet in the rendezvous) and its address and key shared through it."""
         if self._external_server is None and self.is_global_zero:
             self._key = auth.new_key().encode()
-            self._server = ServerProcess.start(self._key.decode(), self._server_transport, self._server_bind_address())
+            if not self._spreads_parts:
+                self._servers = start_parts(self._key.decode(), self._server_transport, self._server_bind_addresses())
         super().setup_distributed()
         atexit.unregister(_destroy_process_group)  # once per process, however many times the Trainer sets up
         atexit.register(_destroy_process_group)
-        self._server_address, self._key = self._share_server_address()
+        if self._spreads_parts:
+            self._server_address, self._key = self._start_parts_on_nodes()
+        else:
+            self._server_address, self._key = self._share_server_address()
         if self._aggregate is not None:
             self._server_address = self._start_aggregator(self._server_address)
         # runs sharing a standalone server keep apart; every worker orders the epochs by rank 0's seed
@@ -313,12 +342,13 @@ class ADAGStrategy(DDPStrategy):
         if self._aggregator is not None:
             self._aggregator.stop()
             self._aggregator = None
-        if self._server is not None:
+        if self._servers:
             if self._interrupted and isinstance(self.launcher, _CheckingSubprocessLauncher):
                 self.launcher.stop_workers(WORKERS_STOP_GRACE)
             _announce_server_stopped(self._run)
-            self._server.stop()
-            self._server = None
+            for server in self._servers:
+                server.stop()
+            self._servers = []
         self._interrupted = False
         super().teardown()
 
@@ -355,7 +385,8 @@ class ADAGStrategy(DDPStrategy):
             return "shm"
         if self._transport != "auto":
             return self._transport
-        return "tcp" if self._external_server is not None or self.num_nodes > 1 else "shm"
+        remote = self._external_server is not None or self.num_nodes > 1 or self._servers_count > 1
+        return "tcp" if remote else "shm"
 
     @property
     def _server_transport(self) -> str:
@@ -363,15 +394,53 @@ class ADAGStrategy(DDPStrategy):
         aggregators' (tcp)."""
         return "tcp" if self._aggregate is not None else self.transport
 
-    def _server_bind_address(self) -> str | None:
-        """Where the server this run starts listens: for tcp, loopback on one node and the cluster's main address
-        on several, at ``server_port`` (default: main port + 1); for a local transport, a new address of its own."""
+    @property
+    def _spreads_parts(self) -> bool:
+        """Whether this run's own part servers run across its nodes (part ``i`` on node ``i mod num_nodes``)."""
+        return self._external_server is None and self._servers_count > 1 and self.num_nodes > 1
+
+    def _start_parts_on_nodes(self) -> tuple[str, bytes]:
+        """Start part ``i``'s server on node ``i mod num_nodes`` (by its local rank 0), so that the parts' network
+        links add up. Rank 0's key and every node's addresses travel through the rendezvous, and a node that
+        cannot start its part fails every worker."""
+        assert self.cluster_environment is not None
+        key: bytes = self.broadcast(self._key)
+        count, started, failure = self._servers_count, {}, ""
+        if self.local_rank == 0:
+            try:
+                host = _address_toward(self.cluster_environment.main_address)
+                host = f"[{host}]" if ":" in host else host
+                mine = range(self.node_rank, count, self.num_nodes)
+                for index in mine:
+                    port = 0 if self._server_port is None else self._server_port + index
+                    options = ("--part", f"{index}/{count}")
+                    self._servers.append(ServerProcess.start(key.decode(), "tcp", f"{host}:{port}", options=options))
+                started = {index: server.wait_ready() for index, server in zip(mine, self._servers)}
+            except Exception as err:
+                failure = f"node {self.node_rank}: {type(err).__name__}: {err}"
+        gathered: list = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, (started, failure))
+        failures = [failure for _, failure in gathered if failure]
+        if failures:
+            raise RuntimeError(f"the part servers could not start: {'; '.join(failures)}")
+        addresses = {index: address for started, _ in gathered for index, address in started.items()}
+        return ",".join(addresses[index] for index in range(count)), key
+
+    def _server_bind_addresses(self) -> list[str | None]:
+        """Where the servers this run starts listen: for tcp, loopback on one node and the cluster's main address
+        on several, at ``server_port`` (default: main port + 1); several servers at consecutive ports from
+        ``server_port``, or at free ports when it is not given (the rendezvous tells every worker where); for a
+        local transport, a new address of its own."""
         if TRANSPORTS[self._server_transport].local_only:
-            return None
+            return [None]
         assert self.cluster_environment is not None
         host = self.cluster_environment.main_address if self.num_nodes > 1 else "127.0.0.1"
-        port = self._server_port if self._server_port is not None else self.cluster_environment.main_port + 1
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        host = f"[{host}]" if ":" in host else host
+        if self._server_port is not None:
+            return [f"{host}:{self._server_port + index}" for index in range(self._servers_count)]
+        if self._servers_count > 1:
+            return [f"{host}:0"] * self._servers_count
+        return [f"{host}:{self.cluster_environment.main_port + 1}"]
 
     @staticmethod
     def _evaluates_checkpoint(trainer: pl.Trainer) -> bool:
@@ -388,8 +457,9 @@ class ADAGStrategy(DDPStrategy):
         outcome: tuple[str, str, bytes] = ("", "", b"")
         if self.is_global_zero:
             try:
-                outcome = ("ok", self._server.wait_ready(), self._key)
-                self._server.keep_running()  # a server that dies is replaced while rank 0 lives
+                outcome = ("ok", ",".join(server.wait_ready() for server in self._servers), self._key)
+                if len(self._servers) == 1:
+                    self._servers[0].keep_running()  # a server that dies is replaced while rank 0 lives
             except Exception as err:
                 outcome = ("error", f"{type(err).__name__}: {err}", b"")
         status, detail, key = self.broadcast(outcome)
@@ -432,24 +502,21 @@ class ADAGStrategy(DDPStrategy):
         if self.algorithm.window is None:
             self.algorithm.window = suggested_window(self.world_size, module)
             rank_zero_info(f"ADAG: window={self.algorithm.window} (thesis heuristic: (workers + layers) / 2)")
-        connect_once = functools.partial(
-            connect,
-            self.transport,
-            self._server_address,
-            self.global_rank,
-            flat.layout,
-            self.algorithm.spec(),
-            self._key,
-            self._server_timeout,
-            pin_memory=self.root_device.type == "cuda",
-        )
-        client = connect_once()
-        owned_by_rank_zero = self._external_server is None and not self.is_global_zero
+        addresses = self._server_address.split(",")
+        link = (self.global_rank, flat.layout, self.algorithm.spec(), self._key, self._server_timeout)
+        pin_memory = self.root_device.type == "cuda"
+        if len(addresses) > 1:
+            # a center cut into parts does not survive a part server yet: its workers stop (see docs/behaviour.md)
+            client, reconnect = ShardedClient(addresses, *link, pin_memory=pin_memory), None
+        else:
+            connect_once = functools.partial(connect, self.transport, addresses[0], *link, pin_memory=pin_memory)
+            client = connect_once()
+            owned_by_rank_zero = self._external_server is None and not self.is_global_zero
 
-        def reconnect() -> Client:
-            if owned_by_rank_zero:  # no new server will come: fail now rather than after server_timeout
-                _check_server_owner(self._run)
-            return connect_once()
+            def reconnect() -> Client:
+                if owned_by_rank_zero:  # no new server will come: fail now rather than after server_timeout
+                    _check_server_owner(self._run)
+                return connect_once()
 
         try:
             worker = Worker(
@@ -484,6 +551,14 @@ class ADAGStrategy(DDPStrategy):
         self.barrier("adag_center_initialized")
         self._record = CenterRecord(worker.reset_to_center().clock)
         self.barrier("adag_center_pulled")
+
+
+def _address_toward(host: str) -> str:
+    """This machine's address on its route to ``host``: where the other nodes can reach a server it starts."""
+    family, _, _, _, where = socket.getaddrinfo(host, 1, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(where)  # a UDP connect sends nothing; it only picks the route
+        return probe.getsockname()[0]
 
 
 def _server_stopped_key(run: str) -> str:

@@ -111,6 +111,34 @@ class Receipt:
     staleness: int = 0
 
 
+class PartClocks(int):
+    """The clock of a center cut into parts, each with a clock of its own (see
+    :mod:`lightning_adag.transports.sharded`): as a number, the lowest of them (every part has applied at least that
+    many commits); :attr:`parts` keeps each one, so that a commit can name the clock of every part it started from.
+    Two of them of the same number of parts are equal when every part's clock is; otherwise (a center cut another
+    way, a plain clock) they compare as numbers."""
+
+    parts: tuple[int, ...]
+
+    def __new__(cls, parts: tuple[int, ...] | list[int]) -> PartClocks:
+        clock = super().__new__(cls, min(parts))
+        clock.parts = tuple(int(part) for part in parts)
+        return clock
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PartClocks) and len(other.parts) == len(self.parts):
+            return self.parts == other.parts
+        return int(self) == other
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = int.__hash__
+
+    def __repr__(self) -> str:
+        return f"PartClocks({list(self.parts)})"
+
+
 @dataclass(frozen=True)
 class Frame:
     kind: Kind

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lightning_adag.server.launch import ServerProcess
+from lightning_adag.server.launch import ServerProcess, start_parts
 
 SCRIPTS = Path(__file__).parent / "scripts"
 SHM = Path("/dev/shm")
@@ -65,6 +65,18 @@ def running_server(transport: str = "shm", key: str = "k", options: tuple[str, .
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def running_parts(count: int, key: str = "k"):
+    """``count`` TCP server processes, server ``i`` holding part ``i`` of a center cut into ``count``, ready, and
+    stopped afterwards whatever happens; yields their addresses in part order."""
+    servers = start_parts(key, "tcp", [None] * count, log_level="ERROR")
+    try:
+        yield [server.wait_ready() for server in servers]
+    finally:
+        for server in servers:
+            server.stop()
 
 
 class ScriptRun:

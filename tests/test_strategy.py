@@ -47,11 +47,22 @@ def test_explicit_settings():
         ({"transport": "ucx"}, "transport must be one of"),
         ({"start_method": "thread"}, "start_method must be one of"),
         ({"server_timeout": 0}, "server_timeout must be positive"),
+        ({"servers": 0}, "servers must be a positive number"),
+        ({"servers": 2, "transport": "shm"}, "reaches its servers over TCP"),
+        ({"server": "h:1,h:2", "servers": 3}, "lists 2 address"),
+        ({"server": "h:1,nohost"}, "must look like 'host:port'"),
+        ({"servers": 2, "aggregate": "node"}, "not combined with it yet"),
     ],
 )
 def test_invalid_settings_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ADAGStrategy(**kwargs)
+
+
+def test_several_servers_pick_tcp_and_one_address_each():
+    assert ADAGStrategy(servers=2).transport == "tcp"
+    assert ADAGStrategy(server="h:1,h:2").transport == "tcp"
+    assert ADAGStrategy().transport == "shm"
 
 
 def test_shared_memory_needs_one_node():

@@ -83,6 +83,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--upstream-timeout", type=float, default=120.0, help="with --upstream: seconds to wait for that server"
     )
+    parser.add_argument(
+        "--part",
+        metavar="I/K",
+        help="hold part I (from 0) of a center cut into K parts, one server each; workers connect to all K"
+        " (ADAGStrategy(server='host:port,host:port,...'), in part order)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     if args.host is None and args.unix is None and not args.listen:
@@ -102,6 +108,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--threads must be at least 1")
     if args.shard_mib <= 0:
         parser.error("--shard-mib must be positive")
+    if args.part is not None:
+        index, _, count = args.part.partition("/")
+        if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+            parser.error(f"--part takes I/K with 0 <= I < K (part I of K), got {args.part!r}")
+        if args.upstream is not None:
+            parser.error("an aggregator holds no part of the center: give --part to the servers it sends to")
+        args.part = (int(index), int(count)) if int(count) > 1 else None  # part 0 of 1: the whole center
     if args.upstream is not None:
         if args.checkpoint:
             parser.error("an aggregator holds no center of its own: give --checkpoint to the server it sends to")
@@ -139,7 +152,7 @@ def serve(args: argparse.Namespace) -> int:
         aggregator = None
         core = ServerCore(shard_bytes=max(1, round(args.shard_mib * 2**20)))
         snapshotter = Snapshotter(core, args.checkpoint, args.checkpoint_every) if args.checkpoint else None
-        service = Service(core, key)
+        service = Service(core, key, part=args.part)
     else:  # a node's aggregator (no --checkpoint: it holds no center of its own)
         aggregator = AggregatorCore(
             args.upstream, key, args.node_rank, args.node_workers, args.gather_ms / 1e3, args.upstream_timeout

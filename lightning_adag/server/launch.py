@@ -160,6 +160,24 @@ class ServerProcess:
         TRANSPORTS[self._transport].listener.clean_up(self._where)
 
 
+def start_parts(
+    key: str, transport: str, wheres: Sequence[str | None], log_level: str = "WARNING", options: Sequence[str] = ()
+) -> list[ServerProcess]:
+    """Start one server per address of ``wheres``: with several, server ``i`` holds part ``i`` of a center cut
+    into ``len(wheres)`` (``--part i/k``, see :mod:`lightning_adag.transports.sharded`). If one cannot start, those
+    already started are stopped."""
+    servers: list[ServerProcess] = []
+    try:
+        for index, where in enumerate(wheres):
+            part = ("--part", f"{index}/{len(wheres)}") if len(wheres) > 1 else ()
+            servers.append(ServerProcess.start(key, transport, where, log_level, (*options, *part)))
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
+
+
 def _read_ready_line(fd: int, process: subprocess.Popen, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     data = b""

@@ -49,9 +49,16 @@ class Service:
     its own core (see :mod:`lightning_adag.server.aggregator`) and hands data assignment on to the server above it
     (``assignments``: anything with :meth:`Assignments.take`)."""
 
-    def __init__(self, core: ServerCore, key: bytes, assignments: Assignments | None = None) -> None:
+    def __init__(
+        self,
+        core: ServerCore,
+        key: bytes,
+        assignments: Assignments | None = None,
+        part: tuple[int, int] | None = None,
+    ) -> None:
         self.core = core
         self.assignments = assignments or Assignments()
+        self.part = part  # (i, k): this server holds part i of a center cut into k
         self._key = key
         self._listeners: list[Listener] = []
         self._connections: set[socket.socket] = set()
@@ -129,6 +136,7 @@ class Service:
                 request = hello.json()
                 rank, layout = int(request["rank"]), Layout.from_json(request["layout"])
                 who = f"worker {rank} ({peer or 'shared memory'})"
+                self._check_part(request.get("part"))
                 self.core.configure(layout, dict(request["algorithm"]))
                 channel = listener.channel(conn, layout)
             finally:
@@ -166,6 +174,31 @@ class Service:
             with self._guard:
                 self._connections.discard(conn)
             conn.close()
+
+    def _check_part(self, asked: list | None) -> None:
+        """Refuse a worker that expects another part of the center than this server holds (or a whole one)."""
+        if asked is not None:
+            if not isinstance(asked, list) or len(asked) != 2:
+                raise wire.ProtocolError(f"HELLO's part must be [index, count], got {asked!r}")
+            asked = (int(asked[0]), int(asked[1]))
+        if asked == self.part:
+            return
+        if self.part is None:
+            raise LayoutMismatchError(
+                f"this server holds a whole center, but the worker asks for part {asked[0]} of {asked[1]}: start"
+                f" {asked[1]} servers with --part i/{asked[1]}, or run the workers with servers=1"
+            )
+        index, count = self.part
+        if asked is None:
+            raise LayoutMismatchError(
+                f"this server holds part {index} of a center cut into {count} (--part {index}/{count}): give the"
+                f" workers all {count} servers' addresses, in part order"
+            )
+        raise LayoutMismatchError(
+            f"this server holds part {index} of {count} (--part {index}/{count}), but the worker asks for part"
+            f" {asked[0]} of {asked[1]}: list the servers' addresses in the order of their --part, and resume a"
+            " server snapshot only with the same number of parts"
+        )
 
     def _answer(self, conn: socket.socket, rank: int, header: wire.Header, channel: Channel) -> None:
         kind, buffer = header.kind, channel.buffer

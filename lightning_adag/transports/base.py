@@ -41,11 +41,14 @@ class Client:
         key: bytes,
         timeout: float,
         pin_memory: bool = False,
+        part: tuple[int, int] | None = None,
     ) -> None:
         """Connect to ``address`` (waiting at most ``timeout`` seconds for any answer), authenticate with ``key``
         and introduce the model. ``pin_memory`` asks for a page-locked mailbox (for a GPU worker) where the
-        transport allocates it."""
+        transport allocates it. ``part`` ``(i, k)`` says that ``layout`` is part ``i`` of a center cut into ``k``
+        (see :mod:`lightning_adag.transports.sharded`): the server must hold that part."""
         self.address = address
+        self.part = part
         self._pin_memory = pin_memory
         # One request at a time on the connection: a data loader may ask for samples while an overlapped
         # exchange is in flight on another thread.
@@ -143,6 +146,8 @@ class Client:
         except (EOFError, OSError) as err:
             raise self._gone("its key", err) from err
         hello = {"rank": rank, "layout": layout.to_json(), "algorithm": algorithm_spec}
+        if self.part is not None:
+            hello["part"] = list(self.part)
         welcome = self._control(wire.Kind.HELLO, wire.json_payload(hello), expect=wire.Kind.WELCOME)
         welcome = welcome.json()
         self.mailbox = self._open_mailbox(welcome, layout)
@@ -161,14 +166,27 @@ class Client:
     ) -> wire.Header:
         """One request carrying ``sent`` (or nothing) and the named header ``fields``, answered by an ``expect``
         frame whose vector lands in ``received``; returns that frame's header."""
+        with self._one_request:
+            self.send_request(kind, sent, sent_dtype, **fields)
+            return self.receive_reply(kind, expect, received)
+
+    def send_request(self, kind: wire.Kind, sent: Tensor | None, sent_dtype: torch.dtype | None = None, **fields: int):
+        """The first half of an exchange: send the request. The caller holds the connection (nothing else is in
+        flight on it) until :meth:`receive_reply`; a sharded client sends every part before it receives any."""
         try:
-            with self._one_request:
-                self._send(kind, sent, sent_dtype, fields)
-                header = wire.read_header(self._sock, max_payload=max(self.mailbox.nbytes, wire.MAX_CONTROL_PAYLOAD))
-                if header.kind is expect:
-                    self._receive(header, received)
-                    return header
-                frame = wire.read_payload(self._sock, header)
+            self._send(kind, sent, sent_dtype, fields)
+        except (EOFError, OSError) as err:
+            raise self._gone(kind.name, err) from err
+
+    def receive_reply(self, kind: wire.Kind, expect: wire.Kind, received: Tensor) -> wire.Header:
+        """The second half of an exchange: the ``expect`` frame answering ``kind``, its vector received into
+        ``received``; an ERROR frame raises :class:`~lightning_adag.wire.ServerRefusedError`."""
+        try:
+            header = wire.read_header(self._sock, max_payload=max(self.mailbox.nbytes, wire.MAX_CONTROL_PAYLOAD))
+            if header.kind is expect:
+                self._receive(header, received)
+                return header
+            frame = wire.read_payload(self._sock, header)
         except (EOFError, OSError) as err:
             raise self._gone(kind.name, err) from err
         raise self._unexpected(kind, frame, expect)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import psutil
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
@@ -82,6 +83,7 @@ class Recorder(Callback):
         self.args = args
         self.commit_times: list[float] = []
         self.start_clock = None
+        self.parts_served = []  # the parts of the center whose servers this process started
         self.final_clock = None
         self.server_stats = None
         self.commits = self.lost_commits = self.reconnections = None
@@ -100,6 +102,8 @@ class Recorder(Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.start_clock = trainer.strategy.worker.pulled_clock
+        children = [child.cmdline() for child in psutil.Process().children()]
+        self.parts_served = [line[line.index("--part") + 1] for line in children if "--part" in line]
         sampler = trainer.train_dataloader.sampler
         self.sampler = [type(sampler).__name__, getattr(sampler, "num_replicas", None), getattr(sampler, "rank", None)]
 
@@ -205,6 +209,7 @@ def main() -> None:
     p.add_argument("--transport", default="auto")
     p.add_argument("--aggregate", action="store_true", help="ADAGStrategy(aggregate='node')")
     p.add_argument("--server", help="host:port of a running adag-server")
+    p.add_argument("--servers", type=int, default=1, help="server processes holding parts of the center")
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--algorithm", default="adag", choices=sorted(lightning_adag.algorithms.ALGORITHMS))
     p.add_argument("--outer-momentum", type=float, default=0.0, help="ADAG with a server-side Nesterov optimizer")
@@ -243,6 +248,7 @@ def main() -> None:
             overlap=args.overlap,
             data=args.data,
             aggregate="node" if args.aggregate else None,
+            servers=args.servers,
         ),
         num_nodes=args.num_nodes,
         accelerator=args.accelerator,
@@ -267,6 +273,7 @@ def main() -> None:
         "rank": trainer.global_rank,
         "commit_times": recorder.commit_times,
         "start_clock": recorder.start_clock,
+        "parts_served": recorder.parts_served,
         "final_clock": recorder.final_clock,
         "server_stats": recorder.server_stats,
         "commits": recorder.commits,
