@@ -90,6 +90,10 @@ class Recorder(Callback):
         self.sampler = None
         self.moved_without_a_step = 0  # batches between which θ changed though no optimizer step ran
         self._last_batch_start = None
+        self.commits: list[dict] = []  # every commit ADAGCallback made: its steps, and its receipt if one came back
+        self.commits_in_batches = None  # how many of them were made during training batches (the rest at its end)
+        self.logged: list[dict] = []  # the adag/ metrics, each time ADAGCallback logged them
+        self.validated: list[dict] = []  # per validation during fit: what the model held, what the server held
 
     def on_fit_start(self, trainer, pl_module):
         # right after the strategy joined the server; another worker may commit before this read: keep its clock
@@ -100,6 +104,7 @@ class Recorder(Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.start_clock = trainer.strategy.worker.pulled_clock
+        self._record_commits(trainer.strategy.worker)
         sampler = trainer.train_dataloader.sampler
         self.sampler = [type(sampler).__name__, getattr(sampler, "num_replicas", None), getattr(sampler, "rank", None)]
 
@@ -117,7 +122,39 @@ class Recorder(Callback):
         self.server_stats = worker.client.stats()
         trainer.strategy.barrier("recorded_stats")  # rank 0 stops the server once every rank has asked
 
+    def on_validation_start(self, trainer, pl_module):
+        """During fit, after ADAGCallback showed the center: compare the model with the center the server holds.
+        No worker commits between ADAGCallback's last barrier and this one's, so the two must be the same."""
+        if trainer.state.fn != "fit":
+            return
+        worker = trainer.strategy.worker
+        receipt = worker.fetch()
+        model = worker.flat.vector[: worker.flat.trainable]
+        self.validated.append(
+            {"clock": receipt.clock, "model": tensor_digest(model), "center": tensor_digest(worker.center)}
+        )
+        trainer.strategy.barrier("recorder_compared_the_center")
+
+    def _record_commits(self, worker):
+        """Wrap this worker's ``commit`` to record each call (instrumentation only: the call itself is unchanged)."""
+        commit = worker.commit
+
+        def recorded(steps):
+            receipt = commit(steps)
+            entry = {"steps": steps}
+            if receipt is not None:
+                entry.update(clock=receipt.clock, staleness=receipt.staleness)
+            self.commits.append(entry)
+            return receipt
+
+        worker.commit = recorded
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.commits_in_batches = len(self.commits)
+        # ADAGCallback (the strategy puts it first) has logged, if it did, in this same hook: a new count of commits
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("adag/")}
+        if logged and (not self.logged or logged["adag/commits"] != self.logged[-1]["adag/commits"]):
+            self.logged.append(logged)
         cb = next(c for c in trainer.callbacks if isinstance(c, lightning_adag.ADAGCallback))
         if len(self.commit_times) < cb.commits:
             self.commit_times.append(time.time())
@@ -159,6 +196,10 @@ class DataRecorder(Callback):
 
     def on_validation_start(self, trainer, pl_module):
         self.validations += 1
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def digest(module: nn.Module) -> str:
@@ -276,6 +317,15 @@ def main() -> None:
         "start_center": recorder.start_center,
         "sampler": recorder.sampler,
         "moved_without_a_step": recorder.moved_without_a_step,
+        "commits": recorder.commits,
+        "commits_in_batches": recorder.commits_in_batches,
+        "logged": recorder.logged,
+        "validated": recorder.validated,
+        # what a commit carries, counted here from the module: trainable parameters, floating-point buffers
+        "sizes": {
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "values": sum(b.numel() for b in model.buffers() if b.is_floating_point()),
+        },
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
