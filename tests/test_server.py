@@ -524,3 +524,58 @@ def test_a_full_shared_memory_gives_a_clear_error_not_a_crash(tiny_tmpfs):
         create_segment(tiny_tmpfs / "mailbox", 4 * 2**20, torch.float32)
     assert not list(tiny_tmpfs.iterdir())
 
+
+def test_the_shared_memory_servers_unix_socket_admits_only_its_user(server):
+    if server.transport != "shm":
+        pytest.skip("a TCP server has no socket file")
+    assert os.stat(server.address).st_mode & 0o077 == 0  # no permission for group or others
+
+
+def test_a_peer_has_ten_seconds_in_all_to_authenticate_however_it_trickles(server):
+    sock = server.raw_socket()
+    try:
+        assert wire.recv(sock).kind is wire.Kind.CHALLENGE
+        started = time.monotonic()
+        answer = wire.encode(wire.Kind.AUTH, payload=bytes(auth.DIGEST_BYTES + auth.NONCE_BYTES))
+        with pytest.raises(OSError):  # each byte in time for any per-read timeout, the whole never
+            for byte in answer:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.5)
+                assert time.monotonic() - started < 15, "the server still waits for the handshake"
+        elapsed = time.monotonic() - started
+    finally:
+        sock.close()
+    assert 9.5 < elapsed < 15, elapsed
+
+
+def test_a_standalone_server_snapshots_its_center_every_few_seconds_while_it_runs(tmp_path):
+    snapshot = tmp_path / "center.pt"
+    options = ("--checkpoint", str(snapshot), "--checkpoint-every", "0.5")
+    with running_server("tcp", KEY, options) as process:
+        server = Server("tcp", process)
+        client = server.connect()
+        try:
+            client.mailbox.copy_(torch.arange(10, dtype=torch.float32))
+            client.initialize(0)
+            for clock in (1, 2):
+                client.mailbox.fill_(0.5)
+                client.commit(clock - 1, 1)
+                expected = client.mailbox.clone()
+                saved = _wait_for_snapshot(snapshot, clock)
+                assert torch.equal(saved["center"], expected)
+            written = snapshot.stat().st_mtime_ns
+            time.sleep(1.5)  # three periods without a commit: nothing new to write
+            assert snapshot.stat().st_mtime_ns == written
+        finally:
+            client.close()
+
+
+def _wait_for_snapshot(path, clock: int, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            saved = torch.load(path, weights_only=True)
+            if saved["clock"] == clock:
+                return saved
+        time.sleep(0.1)
+    pytest.fail(f"no snapshot at clock {clock} within {timeout} s")

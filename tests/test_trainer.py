@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import re
 import signal
@@ -19,13 +20,14 @@ def assert_ok(script, code):
     assert code == 0, script.output()
 
 
-def assert_callback_record(results, window, wire_bytes=4, overlap=False, start_clock=0):
+def assert_callback_record(results, window, wire_bytes=4, overlap=False, start_clock=0, manual=False):
     """What ADAGCallback did on every rank, checked exactly against the rank's optimizer steps and the server's
     records: a commit every ``window`` steps, the last partial window committed at the end with its own count, the
-    ``adag/`` metrics by value, and validation during fit run on the center (the same one on every rank)."""
+    ``adag/`` metrics by value, and validation during fit run on the center (the same one on every rank). With
+    ``manual`` optimization a window counts training batches instead of optimizer steps."""
     final_clock = results[0]["final_clock"]
     for rank, result in results.items():
-        steps, commits = result["global_step"], result["commits"]
+        steps, commits = result["batches" if manual else "global_step"], result["commit_log"]
         full, partial = divmod(steps, window)
         assert [c["steps"] for c in commits] == [window] * full + [partial] * bool(partial), (rank, steps)
         # the partial window is committed when training ends, after the last batch
@@ -53,7 +55,7 @@ def assert_callback_record(results, window, wire_bytes=4, overlap=False, start_c
         for seen in result["validated"]:  # the model validated during fit is the center, not this worker's θ
             assert seen["model"] == seen["center"], (rank, seen)
     # every commit of every worker, and nothing else, moved the clock
-    assert sum(len(r["commits"]) for r in results.values()) == final_clock - start_clock
+    assert sum(len(r["commit_log"]) for r in results.values()) == final_clock - start_clock
     # validation runs on all workers at once, on one center
     assert len({tuple(tuple(v.values()) for v in r["validated"]) for r in results.values()}) == 1
 
@@ -116,9 +118,12 @@ def test_gradient_accumulation_counts_optimizer_steps_and_folds_only_between_the
 
 # "16-mixed" is tested in test_gpu.py: on the CPU, Lightning runs it as "bf16-mixed".
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
-def test_precision_plugins_train_against_a_float32_center(script, precision):
-    assert_ok(script, script.run("train.py", "--epochs", "3", "--window", "2", "--precision", precision))
+def test_precision_plugins_train_against_a_float32_center_with_the_heuristic_window(script, precision):
+    assert_ok(script, script.run("train.py", "--epochs", "3", "--window", "0", "--precision", precision))
     results = script.results()
+    # window=None: the thesis heuristic round((workers + layers) / 2), two workers and two Linear layers
+    assert [r["window"] for r in results.values()] == [2, 2]
+    assert_callback_record(results, window=2)
     assert results[0]["digest"] == results[1]["digest"]
     assert results[0]["validate"]["val_acc"] >= 0.85
 
@@ -130,9 +135,12 @@ def test_spawned_workers_hand_the_center_back_to_the_main_process(script):
     assert main["digest_after_validate"] == main["digest"]
 
 
-def test_control_plane_metrics_and_early_stopping(script):
-    assert_ok(script, script.run("train.py", "--epochs", "4", "--window", "4", "--early-stop"))
+def test_control_plane_metrics_and_early_stopping_with_manual_optimization(script):
+    assert_ok(script, script.run("train.py", "--epochs", "4", "--window", "4", "--early-stop", "--manual"))
     results = script.results()
+    for result in results.values():  # two optimizers step once each a batch; a window counts batches
+        assert result["global_step"] == 2 * result["batches"]
+    assert_callback_record(results, window=4, manual=True)
     for result in results.values():
         assert result["metrics"]["rank_mean"] == pytest.approx(0.5)  # self.log(sync_dist=True) across 2 workers
         assert result["metrics"]["rank_sum"] == pytest.approx(3.0)  # torchmetrics SumMetric synced: 1 + 2
@@ -163,9 +171,14 @@ def test_a_slow_worker_does_not_slow_the_others_within_an_epoch(script):
 
 def test_checkpoint_holds_the_center_the_clock_and_server_state_and_resume_restores_them(script):
     momentum = ("--outer-momentum", "0.5")  # ADAG with a server-side outer optimizer: its momentum is server state
-    assert_ok(script, script.run("train.py", "--epochs", "2", "--window", "2", "--checkpoint", *momentum))
+    evaluate = ("--evaluate-checkpoint",)  # after fit, validate/test/predict(ckpt_path=last.ckpt)
+    assert_ok(script, script.run("train.py", "--epochs", "2", "--window", "2", "--checkpoint", *momentum, *evaluate))
     first = script.results()
     checkpoint = torch.load(script.out / "ckpt" / "last.ckpt", weights_only=False)
+    saved = checkpoint_digest(checkpoint["state_dict"])
+    for result in first.values():  # exactly the checkpoint's weights, without joining the server
+        assert result["evaluated"] == {fn: {"digest": saved, "joined": False} for fn in ("validate", "test", "predict")}
+        assert result["evaluate_checkpoint"]["predictions"] > 0
     clock = checkpoint["adag"]["clock"]
     saved_momentum = checkpoint["adag"]["server_state"]["outer_momentum"]
     assert saved_momentum.abs().sum() > 0
@@ -336,6 +349,16 @@ def _wait_until(condition, script, timeout: float = 120) -> None:
         assert script.proc.poll() is None, script.output()
         assert time.monotonic() < deadline, script.output()
         time.sleep(0.1)
+
+
+def checkpoint_digest(state_dict: dict) -> str:
+    """What ``digest`` in tests/scripts/train.py computes, from a checkpoint's state dict."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        if tensor.is_floating_point():
+            h.update(name.encode())
+            h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _server_process(script):
