@@ -532,6 +532,8 @@ def test_the_shared_memory_servers_unix_socket_admits_only_its_user(server):
 
 
 def test_a_peer_has_ten_seconds_in_all_to_authenticate_however_it_trickles(server):
+    if server.transport == "shm":
+        pytest.skip("the deadline is the service's, whatever the transport: once is enough")
     sock = server.raw_socket()
     try:
         assert wire.recv(sock).kind is wire.Kind.CHALLENGE
