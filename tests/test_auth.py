@@ -14,6 +14,15 @@ from lightning_adag import auth, wire
 KEY = b"shared-key"
 
 
+def pair() -> tuple[socket.socket, socket.socket]:
+    """A connected socket pair whose reads give up after a few seconds (a side that waits for what never comes
+    fails instead of hanging)."""
+    left, right = socket.socketpair()
+    left.settimeout(5)
+    right.settimeout(5)
+    return left, right
+
+
 def _in_thread(function, *args):
     """Run ``function(*args)`` on a thread; returns a callable giving its result or raising its exception."""
     outcome = {}
@@ -38,7 +47,7 @@ def _in_thread(function, *args):
 
 
 def test_a_worker_and_a_server_holding_the_key_prove_it_to_each_other():
-    server, worker = socket.socketpair()
+    server, worker = pair()
     with server, worker:
         proven = _in_thread(auth.challenge, server, KEY)
         auth.answer(worker, KEY)
@@ -49,8 +58,8 @@ def test_an_impostor_cannot_reflect_one_workers_answer_to_another():
     """Without the key, an impostor server gets a worker to compute HMAC(key, nonce) for a nonce it chose: it
     challenges a second worker with the first one's nonce. The worker's label keeps that answer from passing as
     the server's proof."""
-    first, impostor_first = socket.socketpair()
-    second, impostor_second = socket.socketpair()
+    first, impostor_first = pair()
+    second, impostor_second = pair()
     with first, impostor_first, second, impostor_second:
         first_done = _in_thread(auth.answer, first, KEY)
         wire.send(impostor_first, wire.Kind.CHALLENGE, payload=bytes(auth.NONCE_BYTES))
@@ -69,7 +78,7 @@ def test_an_impostor_cannot_reflect_one_workers_answer_to_another():
 def test_a_server_cannot_be_answered_with_its_own_proof():
     """A peer that echoes the server's kind of proof (HMAC under the server's label) of the server's own nonce is
     refused: only the worker's label answers a challenge."""
-    server, peer = socket.socketpair()
+    server, peer = pair()
     with server, peer:
         refused = _in_thread(auth.challenge, server, KEY)
         nonce = wire.recv(peer).payload
@@ -90,7 +99,7 @@ def test_a_server_cannot_be_answered_with_its_own_proof():
     ids=["one-byte-short", "one-byte-long", "not-an-auth-frame"],
 )
 def test_a_malformed_answer_holding_the_right_mac_is_refused(answer, error):
-    server, peer = socket.socketpair()
+    server, peer = pair()
     with server, peer:
         refused = _in_thread(auth.challenge, server, KEY)
         nonce = wire.recv(peer).payload
@@ -99,9 +108,79 @@ def test_a_malformed_answer_holding_the_right_mac_is_refused(answer, error):
             refused()
 
 
-def test_a_worker_refuses_a_challenge_that_is_not_one():
-    server, worker = socket.socketpair()
+@pytest.mark.parametrize(
+    "first",
+    [
+        wire.encode(wire.Kind.CHALLENGE, payload=bytes(auth.NONCE_BYTES - 1)),
+        wire.encode(wire.Kind.AUTH_OK, payload=bytes(auth.NONCE_BYTES)),
+    ],
+    ids=["short-nonce", "not-a-challenge"],
+)
+def test_a_worker_refuses_a_challenge_that_is_not_one(first):
+    server, worker = pair()
     with server, worker:
-        wire.send(server, wire.Kind.CHALLENGE, payload=bytes(auth.NONCE_BYTES - 1))
-        with pytest.raises(wire.ProtocolError):
+        server.sendall(first)
+        with pytest.raises(wire.ProtocolError, match="expected a CHALLENGE from the server"):
             auth.answer(worker, KEY)
+
+
+def test_a_worker_refuses_an_oversized_challenge_before_reading_it():
+    server, worker = pair()
+    with server, worker:  # the header announces one byte more than a nonce, which never comes
+        server.sendall(wire.encode(wire.Kind.CHALLENGE, payload=bytes(auth.NONCE_BYTES + 1))[: wire.HEADER.size])
+        with pytest.raises(wire.ProtocolError, match="exceeds the limit"):
+            auth.answer(worker, KEY)
+
+
+def test_a_worker_with_another_key_is_told_why_and_the_server_refuses_it():
+    server, worker = pair()
+    with server, worker:
+        refused = _in_thread(auth.challenge, server, KEY)
+        with pytest.raises(auth.AuthenticationError, match="refused this worker: authentication failed: the worker's"):
+            auth.answer(worker, b"another-key")
+        with pytest.raises(auth.AuthenticationError, match="^a peer failed authentication$"):
+            refused()
+
+
+def _worker_given_a_proof_made_with(server_key: bytes):
+    """A server that lets the worker in and proves ``server_key``: the worker's outcome."""
+    server, worker = pair()
+    with server, worker:
+        wire.send(server, wire.Kind.CHALLENGE, payload=bytes(auth.NONCE_BYTES))
+        worker_done = _in_thread(auth.answer, worker, KEY)
+        worker_nonce = wire.recv(server).payload[auth.DIGEST_BYTES :]
+        proof = hmac.new(server_key, b"server" + worker_nonce, hashlib.sha256).digest()
+        wire.send(server, wire.Kind.AUTH_OK, payload=proof)
+        return worker_done()
+
+
+def test_a_server_with_another_key_cannot_prove_it():
+    _worker_given_a_proof_made_with(KEY)  # the shared key's proof passes
+    with pytest.raises(auth.AuthenticationError, match="^the server could not prove that it holds the shared key$"):
+        _worker_given_a_proof_made_with(b"another-key")
+
+
+def test_a_new_key_is_32_random_bytes_in_hex():
+    keys = {auth.new_key() for _ in range(8)}
+    assert len(keys) == 8 and all(len(bytes.fromhex(key)) == 32 for key in keys)
+
+
+def test_the_key_comes_from_the_environment_and_its_absence_says_how_to_set_it(monkeypatch):
+    monkeypatch.setenv(auth.KEY_ENV, "s3cret")
+    assert auth.key_from_env() == b"s3cret"
+    for unset in (lambda: monkeypatch.setenv(auth.KEY_ENV, ""), lambda: monkeypatch.delenv(auth.KEY_ENV)):
+        unset()
+        advice = r"set ADAG_AUTH_KEY to a shared secret .* `export ADAG_AUTH_KEY="
+        with pytest.raises(auth.AuthenticationError, match=advice):
+            auth.key_from_env()
+
+
+def test_a_refusal_in_broken_utf8_still_reaches_the_worker_as_a_refusal():
+    server, worker = pair()
+    with server, worker:
+        wire.send(server, wire.Kind.CHALLENGE, payload=bytes(auth.NONCE_BYTES))
+        worker_done = _in_thread(auth.answer, worker, KEY)
+        wire.recv(server)
+        wire.send(server, wire.Kind.ERROR, payload=b"no \xff")
+        with pytest.raises(auth.AuthenticationError, match="refused this worker: no \ufffd"):
+            worker_done()
