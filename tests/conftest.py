@@ -128,6 +128,9 @@ class ScriptRun:
         return (self.out / "log.txt").read_text()
 
     def results(self) -> dict[int, dict]:
+        """What each rank wrote, once every process of the run has exited (the launching process, rank 0, may
+        exit before another rank has written its file)."""
+        self.leftovers()
         return {int(p.stem[4:]): json.loads(p.read_text()) for p in self.out.glob("rank*.json")}
 
     def leftovers(self, settle: float = 15.0) -> list[str]:

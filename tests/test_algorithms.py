@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given
@@ -12,6 +14,7 @@ from lightning_adag.algorithms import (
     DOWNPOUR,
     Commit,
     DynSGD,
+    PulledCenters,
     resolve_algorithm,
     server_rule,
     staleness_scale,
@@ -214,3 +217,72 @@ def local_worker(core, theta, algorithm):
     with torch.no_grad():
         model.weight.copy_(torch.tensor([theta], dtype=torch.float64))
     return Worker(FlatState(model), LocalClient(core), algorithm)
+
+
+def test_an_outer_learning_rate_scales_both_the_delta_and_the_momentum():
+    # μ = 0.5, η = 0.5: m₁ = Δ₁ = 2, C₁ = 0 + 0.5 · 2 + 0.25 · 2 = 1.5
+    core = core_with(DOWNPOUR(outer_momentum=0.5, outer_lr=0.5).spec(), [0.0])
+    core.commit(0, torch.tensor([2.0], dtype=torch.float64), pulled_clock=0)
+    assert core.center.item() == 1.5
+
+
+def test_downpour_commits_the_whole_window_difference_whatever_its_steps():
+    theta, theta0 = torch.tensor([3.0, -1.0]), torch.tensor([1.0, 1.0])
+    for rule in (DOWNPOUR(4), DynSGD(4)):
+        out = torch.empty(2)
+        rule.worker_delta(theta, theta0, 4, out)
+        assert out.tolist() == [2.0, -2.0]
+
+
+@pytest.mark.parametrize("rule", [ADAG(1), DOWNPOUR(1)], ids=["adag", "downpour"])
+def test_a_window_delta_feeds_back_what_a_16_bit_wire_drops(rule):
+    theta, theta0 = torch.tensor([1.0 + 2**-10, 0.0]), torch.zeros(2)
+    out, residual = torch.empty(2, dtype=torch.bfloat16), torch.zeros(2)
+    rule.worker_delta(theta, theta0, 1, out, residual)
+    assert out.tolist() == [1.0, 0.0] and residual.tolist() == [2**-10, 0.0]  # bf16 keeps 8 bits: the rest waits
+
+
+def test_a_rule_without_server_state_names_the_state_it_was_offered():
+    with pytest.raises(ValueError, match="downpour keeps no server state named 'outer_momentum'"):
+        DOWNPOUR(2).load_server_state("outer_momentum", torch.zeros(2))
+
+
+def test_a_consumed_pulled_center_cannot_be_committed_from_again():
+    centers = PulledCenters()
+    for clock in (3, 5, 6):
+        centers.remember(0, clock, torch.full((2,), float(clock)))
+    assert centers.take(0, 5).tolist() == [5.0, 5.0]
+    for consumed in (3, 5):  # its own and every older one
+        with pytest.raises(ValueError, match=f"commits from clock {consumed}, but the server never handed it"):
+            centers.check(0, consumed)
+    centers.check(0, 6)
+
+
+def test_every_rule_keeps_its_window_and_says_what_it_is():
+    assert [rule.window for rule in (ADAG(3), DOWNPOUR(4), DynSGD(5), AEASGD(6))] == [3, 4, 5, 6]
+    assert repr(ADAG(4, outer_momentum=0.5)) == "ADAG(window=4, outer_momentum=0.5, outer_lr=1.0)"
+    assert repr(AEASGD(8)) == "AEASGD(window=8, rho=5.0, elastic_lr=0.01)"
+
+
+@pytest.mark.parametrize(
+    ("rho", "elastic_lr", "accepted"),
+    [(0.5, 0.5, True), (1.0, 1.0, True), (4.0, 0.25, True), (2.0, 0.75, False), (1.0, 0.0, False), (0.0, 1.0, False)],
+)
+def test_aeasgd_takes_any_positive_rho_and_rate_whose_product_is_at_most_one(rho, elastic_lr, accepted):
+    if accepted:
+        assert AEASGD(2, rho=rho, elastic_lr=elastic_lr).rho == rho
+    else:
+        with pytest.raises(ValueError, match=rf"must be (positive|at most 1, got {rho * elastic_lr})"):
+            AEASGD(2, rho=rho, elastic_lr=elastic_lr)
+
+
+def test_the_window_heuristic_counts_only_modules_that_own_parameters():
+    nested = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), nn.ReLU())
+    assert suggested_window(2, nested) == 2  # the two Linear layers, not the containers: round((2 + 2) / 2)
+
+
+@pytest.mark.parametrize("spec", [{"name": "hogwild"}, {}], ids=["unknown", "unnamed"])
+def test_a_server_asked_for_an_algorithm_it_does_not_know_lists_those_it_does(spec):
+    known = "['adag', 'aeasgd', 'downpour', 'dynsgd']"
+    with pytest.raises(ValueError, match=rf"does not know algorithm {spec.get('name')!r}; it knows {re.escape(known)}"):
+        server_rule(spec)

@@ -105,6 +105,26 @@ def test_per_worker_statistics_count_commits_and_staleness():
     assert stats["workers"]["1"]["max_staleness"] == 2
 
 
+@given(st.integers(1, 6), st.integers(1, 5))
+def test_workers_taking_turns_see_a_staleness_of_the_others_commits(workers, rounds):
+    """n workers committing in turn, each window starting from the center its last commit brought back: every
+    commit after the first round is exactly n - 1 commits stale, and the server records what it answered."""
+    core = make_core()
+    pulled = dict.fromkeys(range(workers), 0)
+    answered = {worker: [] for worker in range(workers)}
+    for _ in range(rounds):
+        for worker in range(workers):
+            receipt = core.commit(worker, torch.zeros(6, dtype=torch.float64), pulled[worker])
+            pulled[worker] = receipt.clock
+            answered[worker].append(receipt.staleness)
+    for worker, staleness in answered.items():
+        assert staleness == [worker] + [workers - 1] * (rounds - 1)
+        record = core.stats()["workers"][str(worker)]
+        assert record["commits"] == rounds and record["max_staleness"] == max(staleness)
+        assert record["mean_staleness"] == pytest.approx(sum(staleness) / rounds)
+    assert core.clock == workers * rounds
+
+
 def test_initialize_keeps_an_existing_center_and_its_clock():
     core = make_core(initial=torch.ones(6, dtype=torch.float64), clock=7)
     receipt = core.initialize(torch.full((6,), 5.0, dtype=torch.float64), 0)

@@ -1,7 +1,9 @@
 """A GPU worker: pinned mailbox, side-stream copies, compressed and overlapped commits, precision plugins.
 
-Every test needs a CUDA device and skips cleanly without one. The worker tests run the same exchanges from a CPU
-worker and from a GPU worker against real servers and compare the centers they produce.
+The worker tests run the same exchanges from a CPU worker and from a GPU worker against real servers and compare
+the centers they produce; they need a CUDA device and skip cleanly without one. What they check that needs none (the
+staging of every exchange, compressed and overlapped, through the fused kernels) also runs on the CPU, with the
+Triton kernels interpreted (``TRITON_INTERPRET=1``) against the torch path.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import running_server
+from test_kernels import interpreted, needs_triton
 from test_worker import make_model
 from torch import nn
 
@@ -17,7 +20,7 @@ from lightning_adag.flat import FlatState
 from lightning_adag.transports import connect
 from lightning_adag.worker import Worker
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def big_model() -> nn.Module:
@@ -54,6 +57,28 @@ def exchanges(device: str, transport: str, compression: torch.dtype | None, over
             worker.close()
 
 
+@needs_triton
+@pytest.mark.parametrize(  # the two staging paths: a payload written into the mailbox, or staged beside it
+    ("transport", "compression", "overlap"),
+    [("tcp", None, True), ("shm", torch.bfloat16, True)],
+    ids=["tcp-overlap", "shm-bf16-overlap"],
+)
+def test_the_triton_kernels_interpreted_commit_what_the_torch_path_would(transport, compression, overlap):
+    with interpreted(True):
+        triton = exchanges("cpu", transport, compression, overlap)
+    with interpreted(False):
+        reference = exchanges("cpu", transport, compression, overlap)
+    assert not torch.equal(triton, exchanges_start()), "the exchanges moved nothing"
+    # the interpreter rounds float32 to bfloat16 by truncation (torch rounds to nearest): a few units of a 16-bit
+    # delta (deltas of about 1e-2; the exchanges move the center by about 4e-2)
+    torch.testing.assert_close(triton, reference, rtol=1e-6, atol=2e-4 if compression else 1e-6)
+
+
+def exchanges_start() -> torch.Tensor:
+    return FlatState(make_model()).vector.clone()
+
+
+@needs_cuda
 @pytest.mark.parametrize(
     ("transport", "compression", "overlap", "model"),
     [
@@ -72,6 +97,7 @@ def test_a_gpu_worker_commits_what_a_cpu_worker_would(transport, compression, ov
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-5, atol=1e-6)  # compiled kernels may fuse a multiply-add
 
 
+@needs_cuda
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "options",

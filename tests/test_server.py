@@ -39,11 +39,12 @@ THREE_SHARDS = ("--shard-mib", repr(16 / 2**20))
 class Server:
     """A running server process and what the tests do with it."""
 
-    def __init__(self, transport: str, process: ServerProcess) -> None:
+    def __init__(self, transport: str, process: ServerProcess, algorithm: dict = ADAG) -> None:
         self.transport, self.process, self.address = transport, process, process.address
+        self.algorithm = algorithm
 
     def connect(self, rank=0, layout=LAYOUT, key=KEY):
-        return connect(self.transport, self.address, rank, layout, ADAG, key.encode(), timeout=30)
+        return connect(self.transport, self.address, rank, layout, self.algorithm, key.encode(), timeout=30)
 
     def raw_socket(self) -> socket.socket:
         if self.transport == "tcp":
@@ -246,6 +247,168 @@ def test_hostile_frames_from_an_authenticated_peer_close_its_connection_only(ser
     assert_unchanged(before, after)
 
 
+def _handshake(sock: socket.socket, algorithm: dict) -> dict:
+    """Authenticate and say a well-formed hello, as a worker does; returns the WELCOME."""
+    auth.answer(sock, KEY.encode())
+    hello = {"rank": 7, "layout": LAYOUT.to_json(), "algorithm": algorithm}
+    wire.send(sock, wire.Kind.HELLO, payload=wire.json_payload(hello))
+    welcome = wire.recv(sock)
+    assert welcome.kind is wire.Kind.WELCOME, welcome
+    return welcome.json()
+
+
+def _replies(sock: socket.socket) -> list[wire.Header]:
+    """Every frame the server sends until it closes the connection (tensor payloads read and dropped)."""
+    headers = []
+    try:
+        while True:
+            header = wire.read_header(sock, max_payload=LAYOUT.nbytes + wire.MAX_CONTROL_PAYLOAD)
+            wire.recv_exact(sock, header.length)
+            headers.append(header)
+    except (EOFError, OSError):
+        return headers
+
+
+#: What a worker may send once it has said hello, each with the reply it gets when the request is valid.
+ANSWERS = {
+    wire.Kind.COMMIT: wire.Kind.CENTER,
+    wire.Kind.INIT: wire.Kind.CENTER,
+    wire.Kind.PULL: wire.Kind.CENTER,
+    wire.Kind.GET_STATE: wire.Kind.STATE,
+    wire.Kind.PUT_STATE: wire.Kind.STATE,
+    wire.Kind.STATS: wire.Kind.REPORT,
+    wire.Kind.TAKE: wire.Kind.GIVEN,
+}
+PLAN = {"start": 0, "stop": 100, "chunk": 8, "workers": 2, "batch": 4}
+
+
+def _request(kind: wire.Kind, clock: int, transport: str, values: list[float] | None = None) -> bytes:
+    """A valid request of ``kind`` (a COMMIT of ``values`` started at ``clock``; over shared memory its payload
+    is whatever the mailbox holds: the center last handed out)."""
+    vector = torch.tensor(values if values is not None else [0.5] * LAYOUT.numel, dtype=torch.float32)
+    tensor = b"" if transport == "shm" else bytes(wire.byte_view(vector))
+    if kind is wire.Kind.COMMIT:
+        return wire.encode(kind, clock, 1, tensor, dtype=1)
+    if kind is wire.Kind.INIT:
+        return wire.encode(kind, clock, 0, tensor, dtype=1)
+    if kind is wire.Kind.PUT_STATE:
+        return wire.encode(kind, 0, 0, tensor[: 4 * LAYOUT.trainable], dtype=1)
+    if kind is wire.Kind.TAKE:
+        return wire.encode(kind, payload=wire.json_payload({"run": "fuzz", "epoch": 0, "worker": 1, "plan": PLAN}))
+    return wire.encode(kind)
+
+
+def test_every_request_kind_is_answered_after_a_real_handshake_and_the_rest_are_refused(fuzzed_server):
+    server = fuzzed_server
+    for kind in wire.Kind:
+        _, clock = server.center()
+        sock = server.raw_socket()
+        try:
+            _handshake(sock, server.algorithm)
+            sock.sendall(_request(kind, clock, server.transport))
+            sock.shutdown(socket.SHUT_WR)
+            replies = _replies(sock)
+        finally:
+            sock.close()
+        expected = ANSWERS.get(kind, wire.Kind.ERROR)
+        assert [r.kind for r in replies] == [expected], kind
+        if kind is wire.Kind.COMMIT:
+            assert (replies[0].clock, replies[0].staleness) == (clock + 1, 0)
+        if kind is wire.Kind.PUT_STATE:
+            assert replies[0].taken == 0  # the center is initialized: a checkpoint's state comes too late
+
+
+@pytest.fixture(scope="module", params=["shm", "tcp"])
+def fuzzed_server(request):
+    """A server of its own for requests whose valid commits move the center, running ADAG with an outer
+    optimizer: it keeps a server-side state vector that GET_STATE and PUT_STATE reach."""
+    before = adag_leftovers()
+    with running_server(request.param, KEY, THREE_SHARDS) as process:
+        server = Server(request.param, process, {"name": "adag", "outer_momentum": 0.5, "outer_lr": 1.0})
+        first = server.connect()
+        first.mailbox.copy_(torch.arange(10, dtype=torch.float32))
+        first.initialize(0)
+        yield server
+        first.close()
+    assert server.process.process.returncode == 0
+    assert not adag_leftovers() - before
+
+
+int64s = st.integers(-(2**63), 2**63 - 1)
+requests = st.one_of(
+    st.builds(  # valid requests of every kind a worker may send, and the server-only kinds
+        lambda kind, values: (kind, values),
+        st.sampled_from(list(wire.Kind)),
+        st.one_of(st.none(), st.lists(st.floats(width=32), min_size=10, max_size=10)),  # NaN and infinities too
+    ),
+    st.builds(  # any kind with any fields, dtype and payload, maybe truncated
+        lambda *fields: (None, _frame(*fields)),
+        st.sampled_from(list(wire.Kind)),
+        st.one_of(st.integers(-2, 40), int64s),
+        st.one_of(st.integers(-2, 5), int64s),
+        st.one_of(st.binary(max_size=64), st.just(wire.json_payload({"run": "r", "epoch": 0, "worker": 1}))),
+        st.integers(0, 6),
+        st.integers(0, 40),
+    ),
+)
+
+
+@given(st.lists(requests, min_size=1, max_size=5))
+@fuzz(150)
+def test_an_authenticated_worker_moves_the_clock_only_by_the_commits_it_is_answered(fuzzed_server, sequence):
+    server = fuzzed_server
+    before = server.center()
+    frames = []
+    for kind, rest in sequence:
+        if kind is None:
+            frames.append((None, rest))
+        else:
+            frames.append((kind, _request(kind, before[1], server.transport, rest)))
+    sock = server.raw_socket()
+    try:
+        _handshake(sock, server.algorithm)
+        try:
+            for _, data in frames:
+                sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:  # the server closed the connection after an ERROR
+            pass
+        replies = _replies(sock)
+    finally:
+        sock.close()
+    # one reply per request, in order, until an ERROR ends the connection
+    assert all(r.kind is not wire.Kind.ERROR for r in replies[:-1])
+    accepted = sum(
+        1
+        for (kind, data), reply in zip(frames, replies)
+        if data[5:6] == bytes([wire.Kind.COMMIT]) and reply.kind is wire.Kind.CENTER
+    )
+    after = server.center()
+    assert after[1] == before[1] + accepted
+    if not accepted:
+        assert_unchanged(before, after)
+    assert torch.isfinite(after[0]).all()
+
+
+def test_a_wrong_mac_gets_no_center_whatever_follows(server):
+    sock = server.raw_socket()
+    try:
+        challenge = wire.recv(sock)
+        assert challenge.kind is wire.Kind.CHALLENGE
+        forged = bytes(auth.DIGEST_BYTES) + os.urandom(auth.NONCE_BYTES)
+        sock.sendall(wire.encode(wire.Kind.AUTH, payload=forged))
+        hello = {"rank": 7, "layout": LAYOUT.to_json(), "algorithm": ADAG}
+        try:  # without waiting for a verdict, as a peer that ignores it would
+            sock.sendall(wire.encode(wire.Kind.HELLO, payload=wire.json_payload(hello)) + wire.encode(wire.Kind.PULL))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        replies = _replies(sock)
+    finally:
+        sock.close()
+    assert [r.kind for r in replies] == [wire.Kind.ERROR]
+
+
 def test_a_stalled_client_does_not_block_other_commits(server):
     stalled = server.raw_socket()
     auth.answer(stalled, KEY.encode())
@@ -360,3 +523,61 @@ def test_a_full_shared_memory_gives_a_clear_error_not_a_crash(tiny_tmpfs):
     with pytest.raises(SharedMemoryFullError, match="--shm-size"):
         create_segment(tiny_tmpfs / "mailbox", 4 * 2**20, torch.float32)
     assert not list(tiny_tmpfs.iterdir())
+
+
+def test_the_shared_memory_servers_unix_socket_admits_only_its_user(server):
+    if server.transport != "shm":
+        pytest.skip("a TCP server has no socket file")
+    assert os.stat(server.address).st_mode & 0o077 == 0  # no permission for group or others
+
+
+def test_a_peer_has_ten_seconds_in_all_to_authenticate_however_it_trickles(server):
+    if server.transport == "shm":
+        pytest.skip("the deadline is the service's, whatever the transport: once is enough")
+    sock = server.raw_socket()
+    try:
+        assert wire.recv(sock).kind is wire.Kind.CHALLENGE
+        started = time.monotonic()
+        answer = wire.encode(wire.Kind.AUTH, payload=bytes(auth.DIGEST_BYTES + auth.NONCE_BYTES))
+        with pytest.raises(OSError):  # each byte in time for any per-read timeout, the whole never
+            for byte in answer:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.5)
+                assert time.monotonic() - started < 15, "the server still waits for the handshake"
+        elapsed = time.monotonic() - started
+    finally:
+        sock.close()
+    assert 9.5 < elapsed < 15, elapsed
+
+
+def test_a_standalone_server_snapshots_its_center_every_few_seconds_while_it_runs(tmp_path):
+    snapshot = tmp_path / "center.pt"
+    options = ("--checkpoint", str(snapshot), "--checkpoint-every", "0.5")
+    with running_server("tcp", KEY, options) as process:
+        server = Server("tcp", process)
+        client = server.connect()
+        try:
+            client.mailbox.copy_(torch.arange(10, dtype=torch.float32))
+            client.initialize(0)
+            for clock in (1, 2):
+                client.mailbox.fill_(0.5)
+                client.commit(clock - 1, 1)
+                expected = client.mailbox.clone()
+                saved = _wait_for_snapshot(snapshot, clock)
+                assert torch.equal(saved["center"], expected)
+            written = snapshot.stat().st_mtime_ns
+            time.sleep(1.5)  # three periods without a commit: nothing new to write
+            assert snapshot.stat().st_mtime_ns == written
+        finally:
+            client.close()
+
+
+def _wait_for_snapshot(path, clock: int, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            saved = torch.load(path, weights_only=True)
+            if saved["clock"] == clock:
+                return saved
+        time.sleep(0.1)
+    pytest.fail(f"no snapshot at clock {clock} within {timeout} s")

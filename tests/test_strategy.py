@@ -10,6 +10,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_adag
 from lightning_adag import ADAG, ADAGStrategy
+from lightning_adag.lockstep import check_asynchrony
 
 
 def test_import_registers_adag_idempotently():
@@ -86,3 +87,29 @@ def test_a_model_without_trainable_parameters_fails_before_any_worker_starts(scr
     assert code != 0
     assert "has no trainable parameters" in output
     assert "MEMBER: 2/2" not in output  # no second worker ever joined
+
+
+@pytest.mark.parametrize(
+    ("main_address", "num_nodes", "bound"),
+    [("10.1.2.3", 1, "127.0.0.1:29501"), ("10.1.2.3", 2, "10.1.2.3:29501"), ("fd00::7", 2, "[fd00::7]:29501")],
+)
+def test_the_runs_tcp_server_binds_loopback_on_one_node_and_the_main_address_on_several(
+    monkeypatch, main_address, num_nodes, bound
+):
+    monkeypatch.setenv("MASTER_ADDR", main_address)
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    strategy = ADAGStrategy(transport="tcp")
+    L.Trainer(strategy=strategy, accelerator="cpu", devices=2, num_nodes=num_nodes, logger=False)
+    assert strategy._server_bind_address() == bound
+    assert ADAGStrategy(transport="shm")._server_bind_address() is None  # a socket file of its own
+
+
+def test_a_time_based_val_check_interval_is_refused_and_max_time_warned():
+    refused = L.Trainer(strategy="adag", accelerator="cpu", devices=2, logger=False, val_check_interval="00:00:01:00")
+    with pytest.raises(ValueError, match="time-based val_check_interval"):
+        check_asynchrony(refused)
+    timed = L.Trainer(strategy="adag", accelerator="cpu", devices=2, logger=False, max_time="00:00:10:00")
+    with pytest.warns(UserWarning, match=r"max_time=.*broadcasts from rank 0 after every batch"):
+        check_asynchrony(timed)
+    per_epoch = L.Trainer(strategy="adag", accelerator="cpu", devices=2, logger=False, max_epochs=2)
+    check_asynchrony(per_epoch)  # neither: nothing said

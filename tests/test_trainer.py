@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import re
 import signal
@@ -19,6 +20,46 @@ def assert_ok(script, code):
     assert code == 0, script.output()
 
 
+def assert_callback_record(results, window, wire_bytes=4, overlap=False, start_clock=0, manual=False):
+    """What ADAGCallback did on every rank, checked exactly against the rank's optimizer steps and the server's
+    records: a commit every ``window`` steps, the last partial window committed at the end with its own count, the
+    ``adag/`` metrics by value, and validation during fit run on the center (the same one on every rank). With
+    ``manual`` optimization a window counts training batches instead of optimizer steps."""
+    final_clock = results[0]["final_clock"]
+    for rank, result in results.items():
+        steps, commits = result["batches" if manual else "global_step"], result["commit_log"]
+        full, partial = divmod(steps, window)
+        assert [c["steps"] for c in commits] == [window] * full + [partial] * bool(partial), (rank, steps)
+        # the partial window is committed when training ends, after the last batch
+        assert [c["steps"] for c in commits[result["commits_in_batches"] :]] == [partial] * bool(partial)
+        server = result["server_stats"]["workers"][str(rank)]  # every worker's last commit was in
+        assert server["commits"] == len(commits) and result["final_clock"] == final_clock
+        if not overlap:  # every commit's receipt came back to commit() itself
+            staleness = [c["staleness"] for c in commits]
+            assert sum(staleness) == round(server["mean_staleness"] * len(commits)), rank
+            assert max(staleness) == server["max_staleness"] and min(staleness) >= 0
+            assert all(start_clock < c["clock"] <= final_clock for c in commits)
+        sizes = result["sizes"]
+        bytes_per_commit = wire_bytes * sizes["trainable"] + 4 * sizes["values"]
+        logged_commits = 0
+        assert result["logged"], rank
+        for logged in result["logged"]:
+            assert logged["adag/commit_bytes"] == bytes_per_commit
+            assert start_clock < logged["adag/clock"] <= final_clock
+            since = commits[logged_commits : int(logged["adag/commits"])]
+            if not overlap:  # the mean of exactly the receipts since the previous log, and the clock of the last
+                expected = sum(c["staleness"] for c in since) / len(since)
+                assert logged["adag/staleness"] == pytest.approx(expected, rel=1e-6), (rank, logged, since)
+                assert logged["adag/clock"] == since[-1]["clock"]
+            logged_commits = int(logged["adag/commits"])
+        for seen in result["validated"]:  # the model validated during fit is the center, not this worker's θ
+            assert seen["model"] == seen["center"], (rank, seen)
+    # every commit of every worker, and nothing else, moved the clock
+    assert sum(len(r["commit_log"]) for r in results.values()) == final_clock - start_clock
+    # validation runs on all workers at once, on one center
+    assert len({tuple(tuple(v.values()) for v in r["validated"]) for r in results.values()}) == 1
+
+
 def test_trains_to_accuracy_and_leaves_the_center_everywhere(script):
     assert_ok(script, script.run("train.py", "--epochs", "4", "--window", "2", "--batchnorm"))
     results = script.results()
@@ -32,6 +73,8 @@ def test_trains_to_accuracy_and_leaves_the_center_everywhere(script):
         assert result["commit_times"], "no commit recorded"
         assert {"adag/staleness", "adag/commits", "adag/commit_ms", "adag/clock"} <= set(result["metrics"])
         assert result["sampler"][0] == "DynamicSampler"
+        assert len(result["validated"]) == 4  # once an epoch
+    assert_callback_record(results, window=2)
 
 
 # Asynchronous runs differ from run to run: measured DOWNPOUR 0.900–0.931 in 5 runs and DynSGD
@@ -44,6 +87,7 @@ def test_every_algorithm_trains_the_digits_to_accuracy(script, algorithm, minimu
     assert results[0]["digest"] == results[1]["digest"]  # both hold the final center
     assert results[0]["digest_after_validate"] == results[0]["digest"]
     assert results[0]["validate"]["val_acc"] >= minimum, results[0]["validate"]
+    assert_callback_record(results, window=2)
 
 
 def test_compressed_overlapped_commits_train_to_accuracy(script):
@@ -53,6 +97,7 @@ def test_compressed_overlapped_commits_train_to_accuracy(script):
     assert results[0]["validate"]["val_acc"] >= 0.88  # 0.922–0.928 in 3 runs
     trainable = 64 * 64 + 64 + 64 * 10 + 10
     assert results[0]["metrics"]["adag/commit_bytes"] == 2 * trainable  # bf16: two bytes a parameter
+    assert_callback_record(results, window=2, wire_bytes=2, overlap=True)
 
 
 def test_gradient_accumulation_counts_optimizer_steps_and_folds_only_between_them(script):
@@ -68,13 +113,17 @@ def test_gradient_accumulation_counts_optimizer_steps_and_folds_only_between_the
     assert sum(batches) == 3 * 45  # 1437 digits in batches of 32, 3 epochs, each batch trained once
     steps = [r["global_step"] for r in results]  # each epoch's last batch steps, accumulated or not
     assert all(b / 2 <= s <= b / 2 + 3 for b, s in zip(batches, steps)), (batches, steps)
+    assert_callback_record(script.results(), window=1, overlap=True)
 
 
 # "16-mixed" is tested in test_gpu.py: on the CPU, Lightning runs it as "bf16-mixed".
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
-def test_precision_plugins_train_against_a_float32_center(script, precision):
-    assert_ok(script, script.run("train.py", "--epochs", "3", "--window", "2", "--precision", precision))
+def test_precision_plugins_train_against_a_float32_center_with_the_heuristic_window(script, precision):
+    assert_ok(script, script.run("train.py", "--epochs", "3", "--window", "0", "--precision", precision))
     results = script.results()
+    # window=None: the thesis heuristic round((workers + layers) / 2), two workers and two Linear layers
+    assert [r["window"] for r in results.values()] == [2, 2]
+    assert_callback_record(results, window=2)
     assert results[0]["digest"] == results[1]["digest"]
     assert results[0]["validate"]["val_acc"] >= 0.85
 
@@ -86,9 +135,12 @@ def test_spawned_workers_hand_the_center_back_to_the_main_process(script):
     assert main["digest_after_validate"] == main["digest"]
 
 
-def test_control_plane_metrics_and_early_stopping(script):
-    assert_ok(script, script.run("train.py", "--epochs", "4", "--window", "4", "--early-stop"))
+def test_control_plane_metrics_and_early_stopping_with_manual_optimization(script):
+    assert_ok(script, script.run("train.py", "--epochs", "4", "--window", "4", "--early-stop", "--manual"))
     results = script.results()
+    for result in results.values():  # two optimizers step once each a batch; a window counts batches
+        assert result["global_step"] == 2 * result["batches"]
+    assert_callback_record(results, window=4, manual=True)
     for result in results.values():
         assert result["metrics"]["rank_mean"] == pytest.approx(0.5)  # self.log(sync_dist=True) across 2 workers
         assert result["metrics"]["rank_sum"] == pytest.approx(3.0)  # torchmetrics SumMetric synced: 1 + 2
@@ -105,7 +157,11 @@ def test_a_slow_worker_does_not_slow_the_others_within_an_epoch(script):
         "--data", "static",
     )  # fmt: skip
     assert_ok(script, code)
-    fast, slow = script.results()[0]["commit_times"], script.results()[1]["commit_times"]
+    results = script.results()
+    # 719 and 718 samples in batches of 32: 23 steps each, so each run ends on a partial window of one step
+    assert [r["global_step"] for r in results.values()] == [23, 23]
+    assert_callback_record(results, window=2)
+    fast, slow = results[0]["commit_times"], results[1]["commit_times"]
     assert len(fast) >= 10 and len(slow) >= 10
     fast_span = fast[-2] - fast[0]  # the last commit is the final partial window, after the end-of-fit barrier
     slow_span = slow[-2] - slow[0]
@@ -115,9 +171,14 @@ def test_a_slow_worker_does_not_slow_the_others_within_an_epoch(script):
 
 def test_checkpoint_holds_the_center_the_clock_and_server_state_and_resume_restores_them(script):
     momentum = ("--outer-momentum", "0.5")  # ADAG with a server-side outer optimizer: its momentum is server state
-    assert_ok(script, script.run("train.py", "--epochs", "2", "--window", "2", "--checkpoint", *momentum))
+    evaluate = ("--evaluate-checkpoint",)  # after fit, validate/test/predict(ckpt_path=last.ckpt)
+    assert_ok(script, script.run("train.py", "--epochs", "2", "--window", "2", "--checkpoint", *momentum, *evaluate))
     first = script.results()
     checkpoint = torch.load(script.out / "ckpt" / "last.ckpt", weights_only=False)
+    saved = checkpoint_digest(checkpoint["state_dict"])
+    for result in first.values():  # exactly the checkpoint's weights, without joining the server
+        assert result["evaluated"] == {fn: {"digest": saved, "joined": False} for fn in ("validate", "test", "predict")}
+        assert result["evaluate_checkpoint"]["predictions"] > 0
     clock = checkpoint["adag"]["clock"]
     saved_momentum = checkpoint["adag"]["server_state"]["outer_momentum"]
     assert saved_momentum.abs().sum() > 0
@@ -288,6 +349,16 @@ def _wait_until(condition, script, timeout: float = 120) -> None:
         assert script.proc.poll() is None, script.output()
         assert time.monotonic() < deadline, script.output()
         time.sleep(0.1)
+
+
+def checkpoint_digest(state_dict: dict) -> str:
+    """What ``digest`` in tests/scripts/train.py computes, from a checkpoint's state dict."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        if tensor.is_floating_point():
+            h.update(name.encode())
+            h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _server_process(script):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -112,3 +113,75 @@ def test_json_payloads_must_be_objects():
         wire.Frame(wire.Kind.REPORT, payload=b"[1]").json()
     with pytest.raises(wire.ProtocolError):
         wire.Frame(wire.Kind.REPORT, payload=b"\xff").json()
+
+
+def test_a_frame_without_fields_or_payload_carries_zeros_and_nothing():
+    for frame in (wire.encode(wire.Kind.PULL), _sent(lambda sock: wire.send(sock, wire.Kind.PULL))):
+        assert frame == wire.HEADER.pack(wire.MAGIC, wire.VERSION, int(wire.Kind.PULL), wire.NO_TENSOR, 0, 0, 0, 0)
+
+
+def test_send_announces_a_tensor_that_travels_outside_the_socket_as_send_tensor_does():
+    for dtype, code in wire.DTYPE_CODES.items():
+        announced = _sent(lambda sock, d=dtype: wire.send(sock, wire.Kind.COMMIT, dtype=d, pulled_clock=3, steps=2))
+        header = wire.decode_header(announced)
+        assert (header.dtype, header.pulled_clock, header.steps, header.length) == (code, 3, 2, 0)
+        assert wire.dtype_of(header) == dtype
+        tensor = torch.zeros(4, dtype=dtype)
+        sent = _sent(lambda sock, t=tensor: wire.send_tensor(sock, wire.Kind.COMMIT, t, pulled_clock=3, steps=2))
+        # the same header but for the length, and the reserved byte is zero
+        assert sent[: wire.HEADER.size] == wire.encode(wire.Kind.COMMIT, 3, 2, bytes(tensor.nbytes), code)[:32]
+
+
+def test_an_unknown_dtype_code_is_named():
+    header = wire.decode_header(wire.encode(wire.Kind.COMMIT, dtype=9))
+    with pytest.raises(wire.ProtocolError, match="COMMIT frame announces unknown dtype code 9"):
+        wire.dtype_of(header)
+
+
+def test_json_payloads_are_compact_utf8_objects_and_bad_ones_are_named():
+    value = {"rank": 1, "name": "ünï", "layout": [1, 2]}
+    payload = wire.json_payload(value)
+    assert payload == b'{"rank":1,"name":"\\u00fcn\\u00ef","layout":[1,2]}'
+    assert wire.Frame(wire.Kind.HELLO, payload=payload).json() == value
+    assert wire.Frame(wire.Kind.HELLO, payload='{"name": "ünï"}'.encode()).json() == {"name": "ünï"}
+    with pytest.raises(wire.ProtocolError, match="REPORT payload is not JSON"):
+        wire.Frame(wire.Kind.REPORT, payload=b"{").json()
+    with pytest.raises(wire.ProtocolError, match="REPORT payload must be a JSON object"):
+        wire.Frame(wire.Kind.REPORT, payload=b"[1]").json()
+
+
+def _sent(send) -> bytes:
+    """The bytes ``send(sock)`` writes."""
+    left, right = socket.socketpair()
+    with left, right:
+        send(left)
+        left.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := right.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_field_left_out_is_zero():
+    assert wire.pack_fields(wire.Kind.COMMIT, pulled_clock=3) == (3, 0)
+    assert wire.pack_fields(wire.Kind.COMMIT, steps=2) == (0, 2)
+    assert wire.pack_fields(wire.Kind.PULL) == (0, 0)
+
+
+def test_bytes_arriving_in_pieces_are_gathered_and_an_early_close_says_how_far_it_got():
+    left, right = socket.socketpair()
+    with left, right:
+
+        def trickle():
+            for piece in (b"abc", b"defg", b"hij"):
+                left.sendall(piece)
+                time.sleep(0.02)
+
+        sender = threading.Thread(target=trickle)
+        sender.start()
+        assert wire.recv_exact(right, 10) == b"abcdefghij"
+        sender.join()
+        left.sendall(b"1234567")
+        left.shutdown(socket.SHUT_WR)
+        with pytest.raises(EOFError, match="connection closed after 7 of 10 bytes"):
+            wire.recv_exact(right, 10)

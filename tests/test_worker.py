@@ -212,9 +212,10 @@ def test_compressed_commits_lose_nothing_with_error_feedback(server):
         step(model, optimizer, batch)
         if index % 2 == 0:
             exact += (worker.theta.double() - worker.theta0.double()) / 2
+            owed = (worker.theta - worker.theta0) * 0.5 + worker.residual  # float32, as the kernel computes it
             worker.commit(2)
-            rounding = (worker.residual.double() - exact).abs().max()
-            assert rounding > 0  # bf16 did drop something, which the residual keeps
+            # the residual is exactly what rounding this commit to bf16 dropped, and it did drop something
+            assert torch.equal(worker.residual, owed - owed.bfloat16().float()) and worker.residual.any()
     # θ⁰ is the center after the last commit
     torch.testing.assert_close(worker.theta0.double() + worker.residual.double(), start + exact, rtol=0, atol=1e-6)
     worker.close()

@@ -37,6 +37,7 @@ class Classifier(L.LightningModule):
         self.net = nn.Sequential(*layers, nn.ReLU(), nn.Linear(64, 10))
         self.accuracy = MulticlassAccuracy(num_classes=10, average="micro")
         self.rank_sum = SumMetric()
+        self.automatic_optimization = not args.manual
 
     def forward(self, x):
         return self.net(x)
@@ -56,6 +57,14 @@ class Classifier(L.LightningModule):
         loss = F.cross_entropy(self(x), y)
         if batch_idx == self.args.diverge_at_batch and self.global_rank == self.args.fail_rank:
             loss = loss * float("nan")  # every parameter this step updates becomes NaN
+        if self.args.manual:  # two optimizer steps a batch: the trainer's global_step counts both
+            optimizers = self.optimizers()
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            self.manual_backward(loss)
+            for optimizer in optimizers:
+                optimizer.step()
+            return None
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -65,6 +74,13 @@ class Classifier(L.LightningModule):
         self.log("val_acc", self.accuracy)
         self.log("val_loss", F.cross_entropy(logits, y), sync_dist=True)
 
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0]).argmax(1)
+
     def on_validation_epoch_end(self):
         # epoch-level control plane: sync_dist mean of ranks, torchmetrics sum over ranks
         self.log("rank_mean", float(self.global_rank), sync_dist=True)
@@ -73,6 +89,10 @@ class Classifier(L.LightningModule):
         self.log("constant", 1.0, sync_dist=True)
 
     def configure_optimizers(self):
+        if self.args.manual:  # one optimizer for each layer
+            return [
+                torch.optim.Adam(layer.parameters(), lr=self.args.lr) for layer in self.net if list(layer.parameters())
+            ]
         return torch.optim.Adam(self.parameters(), lr=self.args.lr)
 
 
@@ -92,6 +112,12 @@ class Recorder(Callback):
         self.sampler = None
         self.moved_without_a_step = 0  # batches between which θ changed though no optimizer step ran
         self._last_batch_start = None
+        self.commit_log: list[dict] = []  # every commit ADAGCallback made: its steps, and its receipt if one came back
+        self.commits_in_batches = None  # how many of them were made during training batches (the rest at its end)
+        self.logged: list[dict] = []  # the adag/ metrics, each time ADAGCallback logged them
+        self.validated: list[dict] = []  # per validation during fit: what the model held, what the server held
+        self.batches = 0
+        self.evaluated: dict[str, dict] = {}  # validate/test/predict after fit: what the model held, and the worker
 
     def on_fit_start(self, trainer, pl_module):
         # right after the strategy joined the server; another worker may commit before this read: keep its clock
@@ -104,6 +130,7 @@ class Recorder(Callback):
         self.start_clock = trainer.strategy.worker.pulled_clock
         children = [child.cmdline() for child in psutil.Process().children()]
         self.parts_served = [line[line.index("--part") + 1] for line in children if "--part" in line]
+        self._record_commits(trainer.strategy.worker)
         sampler = trainer.train_dataloader.sampler
         self.sampler = [type(sampler).__name__, getattr(sampler, "num_replicas", None), getattr(sampler, "rank", None)]
 
@@ -121,7 +148,46 @@ class Recorder(Callback):
         self.server_stats = worker.client.stats()
         trainer.strategy.barrier("recorded_stats")  # rank 0 stops the server once every rank has asked
 
+    def on_validation_start(self, trainer, pl_module):
+        """During fit, after ADAGCallback showed the center: compare the model with the center the server holds.
+        No worker commits between ADAGCallback's last barrier and this one's, so the two must be the same."""
+        if trainer.state.fn != "fit":
+            self._record_evaluation(trainer, pl_module)
+            return
+        worker = trainer.strategy.worker
+        receipt = worker.fetch()
+        model = worker.flat.vector[: worker.flat.trainable]
+        center = worker.center.to(model.dtype)  # with 16-bit "true" precision, the model holds the center rounded
+        self.validated.append({"clock": receipt.clock, "model": tensor_digest(model), "center": tensor_digest(center)})
+        trainer.strategy.barrier("recorder_compared_the_center")
+
+    def _record_evaluation(self, trainer, pl_module):
+        worker = trainer.strategy.worker
+        self.evaluated[trainer.state.fn] = {"digest": digest(pl_module), "joined": worker is not None}
+
+    on_test_start = on_predict_start = _record_evaluation
+
+    def _record_commits(self, worker):
+        """Wrap this worker's ``commit`` to record each call (instrumentation only: the call itself is unchanged)."""
+        commit = worker.commit
+
+        def recorded(steps):
+            receipt = commit(steps)
+            entry = {"steps": steps}
+            if receipt is not None:
+                entry.update(clock=receipt.clock, staleness=receipt.staleness)
+            self.commit_log.append(entry)
+            return receipt
+
+        worker.commit = recorded
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches += 1
+        self.commits_in_batches = len(self.commit_log)
+        # ADAGCallback (the strategy puts it first) has logged, if it did, in this same hook: a new count of commits
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("adag/")}
+        if logged and (not self.logged or logged["adag/commits"] != self.logged[-1]["adag/commits"]):
+            self.logged.append(logged)
         cb = next(c for c in trainer.callbacks if isinstance(c, lightning_adag.ADAGCallback))
         if len(self.commit_times) < cb.commits:
             self.commit_times.append(time.time())
@@ -135,6 +201,12 @@ class IndexedDigits(DigitsDataModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         self.train_set = Fetched(self.train_set)
+
+    def test_dataloader(self):
+        return self.val_dataloader()
+
+    def predict_dataloader(self):
+        return self.val_dataloader()
 
 
 class Fetched(Dataset):
@@ -165,6 +237,10 @@ class DataRecorder(Callback):
         self.validations += 1
 
 
+def tensor_digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def digest(module: nn.Module) -> str:
     """A hash of what the center holds: every floating-point tensor of the state (integer buffers such as
     ``num_batches_tracked`` stay local to each worker)."""
@@ -179,15 +255,15 @@ def digest(module: nn.Module) -> str:
 
 def algorithm(args: argparse.Namespace) -> lightning_adag.Algorithm:
     if args.outer_momentum:
-        return lightning_adag.ADAG(args.window, outer_momentum=args.outer_momentum)
-    return lightning_adag.algorithms.resolve_algorithm(args.algorithm, args.window)
+        return lightning_adag.ADAG(args.window or None, outer_momentum=args.outer_momentum)
+    return lightning_adag.algorithms.resolve_algorithm(args.algorithm, args.window or None)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--devices", type=int, default=2)
-    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--window", type=int, default=4, help="0: None, the strategy's heuristic")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=-1)
     p.add_argument("--lr", type=float, default=1e-2)
@@ -205,6 +281,10 @@ def main() -> None:
     p.add_argument("--resume", help="checkpoint to resume from")
     p.add_argument("--save-after-fit", action="store_true", help="trainer.save_checkpoint into <out>/after_fit.ckpt")
     p.add_argument("--no-val", action="store_true")
+    p.add_argument("--manual", action="store_true", help="manual optimization, two optimizer steps a batch")
+    p.add_argument(
+        "--evaluate-checkpoint", action="store_true", help="after fit, validate/test/predict(ckpt_path=last.ckpt)"
+    )
     p.add_argument("--start-method", default="popen")
     p.add_argument("--transport", default="auto")
     p.add_argument("--aggregate", action="store_true", help="ADAGStrategy(aggregate='node')")
@@ -283,6 +363,17 @@ def main() -> None:
         "start_center": recorder.start_center,
         "sampler": recorder.sampler,
         "moved_without_a_step": recorder.moved_without_a_step,
+        "commit_log": recorder.commit_log,
+        "commits_in_batches": recorder.commits_in_batches,
+        "batches": recorder.batches,
+        "window": trainer.strategy.algorithm.window,
+        "logged": recorder.logged,
+        "validated": recorder.validated,
+        # what a commit carries, counted here from the module: trainable parameters, floating-point buffers
+        "sizes": {
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "values": sum(b.numel() for b in model.buffers() if b.is_floating_point()),
+        },
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
@@ -294,6 +385,14 @@ def main() -> None:
         (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
         result["validate"] = metrics
         result["digest_after_validate"] = digest(model)
+    if args.evaluate_checkpoint:
+        last = Path(args.out, "ckpt", "last.ckpt")
+        result["evaluate_checkpoint"] = {
+            "validate": trainer.validate(model, datamodule=data, ckpt_path=last, verbose=False)[0],
+            "test": trainer.test(model, datamodule=data, ckpt_path=last, verbose=False)[0],
+            "predictions": int(sum(len(p) for p in trainer.predict(model, datamodule=data, ckpt_path=last))),
+        }
+    result["evaluated"] = recorder.evaluated
     Path(args.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
