@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -360,3 +361,34 @@ def test_a_full_shared_memory_gives_a_clear_error_not_a_crash(tiny_tmpfs):
     with pytest.raises(SharedMemoryFullError, match="--shm-size"):
         create_segment(tiny_tmpfs / "mailbox", 4 * 2**20, torch.float32)
     assert not list(tiny_tmpfs.iterdir())
+
+
+def _authenticated_peer(server, rank=7):
+    """A raw socket that has authenticated and said hello with LAYOUT, to speak frames by hand."""
+    sock = server.raw_socket()
+    auth.answer(sock, KEY.encode())
+    wire.send(
+        sock, wire.Kind.HELLO, payload=wire.json_payload({"rank": rank, "layout": LAYOUT.to_json(), "algorithm": ADAG})
+    )
+    assert wire.recv(sock).kind is wire.Kind.WELCOME
+    return sock
+
+
+@pytest.mark.parametrize(
+    ("kind", "length"),
+    [
+        *[(kind, LAYOUT.nbytes) for kind in (wire.Kind.PULL, wire.Kind.STATS, wire.Kind.GET_STATE)],
+        (wire.Kind.TAKE, wire.MAX_CONTROL_PAYLOAD + 1),
+    ],
+    ids=["PULL", "STATS", "GET_STATE", "TAKE"],
+)
+def test_a_control_frame_announcing_a_payload_is_refused_before_it_arrives(server, kind, length):
+    # the payload never comes: a server that waited for (and allocated) it would not answer
+    sock = _authenticated_peer(server)
+    try:
+        sock.sendall(wire.HEADER.pack(wire.MAGIC, wire.VERSION, int(kind), 0, 0, 0, 0, length))
+        reply = wire.recv(sock)
+        assert reply.kind is wire.Kind.ERROR and re.search("payload|exceeds", reply.payload.decode())
+    finally:
+        sock.close()
+    assert server.center()[1] >= 0

@@ -181,6 +181,8 @@ class Service:
             taken = self.core.load_state(header.index, trainable)
             channel.reply(conn, wire.Kind.STATE, trainable, clock=self.core.clock, taken=int(taken))
         elif kind is wire.Kind.TAKE:
+            if header.length > wire.MAX_CONTROL_PAYLOAD:
+                raise wire.ProtocolError(f"a TAKE payload of {header.length} bytes exceeds {wire.MAX_CONTROL_PAYLOAD}")
             request = wire.read_payload(conn, header).json()
             plan = EpochPlan(**request["plan"])
             start, stop = self.assignments.take(
@@ -188,9 +190,9 @@ class Service:
             )
             wire.send(conn, wire.Kind.GIVEN, payload=wire.json_payload({"start": start, "stop": stop}))
         else:
-            frame = wire.read_payload(conn, header)
-            if frame.payload:
-                raise wire.ProtocolError(f"{kind.name} carries no payload")
+            if header.length:  # refused before a byte of it is read or allocated
+                raise wire.ProtocolError(f"{kind.name} carries no payload, this one announces {header.length} bytes")
+            wire.read_payload(conn, header)  # checks that no tensor is announced either
             if kind is wire.Kind.PULL:
                 channel.reply(conn, wire.Kind.CENTER, buffer, clock=self.core.read(buffer, rank).clock)
             elif kind is wire.Kind.GET_STATE:
