@@ -19,6 +19,8 @@ from lightning_adag import wire
 NONCE_BYTES = 32
 DIGEST_BYTES = hashlib.sha256().digest_size
 KEY_ENV = "ADAG_AUTH_KEY"
+#: Keys shorter than this can be guessed by anyone who reaches the server.
+MIN_KEY_CHARS = 16
 
 
 class AuthenticationError(Exception):
@@ -37,6 +39,17 @@ def key_from_env() -> bytes:
             f" `export {KEY_ENV}=$(python -c 'import secrets; print(secrets.token_hex(32))')`"
         )
     return key.encode()
+
+
+def weak_key_advice(key: bytes) -> str | None:
+    """What to change about a shared key too short to keep anyone out, or None for a key long enough."""
+    if len(key) >= MIN_KEY_CHARS:
+        return None
+    return (
+        f"{KEY_ENV} is {len(key)} character(s) long, short enough to guess: use a random key of at least"
+        f" {MIN_KEY_CHARS} characters, for example `export {KEY_ENV}=$(python -c 'import secrets;"
+        " print(secrets.token_hex(32))')`"
+    )
 
 
 def _mac(key: bytes, label: bytes, nonce: bytes) -> bytes:

@@ -133,6 +133,8 @@ def serve(args: argparse.Namespace) -> int:
     except auth.AuthenticationError as err:
         log.error("%s", err)
         return 2
+    if advice := auth.weak_key_advice(key):
+        log.warning("%s", advice)
     signal.signal(signal.SIGTERM, _stop)
     torch.set_num_threads(args.threads)
     if args.upstream is None:
