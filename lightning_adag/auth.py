@@ -72,13 +72,16 @@ def challenge(sock: socket.socket, key: bytes) -> None:
 
 
 def answer(sock: socket.socket, key: bytes) -> None:
-    """Worker side. Raises ``AuthenticationError`` if the server refuses the key or does not know it."""
-    frame = wire.recv(sock, max_payload=NONCE_BYTES)
+    """Worker side. Raises ``AuthenticationError`` if the server refuses the key or does not know it, and
+    ``wire.ServerBusyError`` if it turns the connection away while too many peers are joining."""
+    frame = wire.recv(sock, max_payload=wire.MAX_CONTROL_PAYLOAD)
+    wire.check_not_busy(frame)
     if frame.kind is not wire.Kind.CHALLENGE or len(frame.payload) != NONCE_BYTES:
         raise wire.ProtocolError(f"expected a CHALLENGE from the server, got {frame.kind.name}")
     nonce = secrets.token_bytes(NONCE_BYTES)
     wire.send(sock, wire.Kind.AUTH, payload=_mac(key, b"worker", frame.payload) + nonce)
     reply = wire.recv(sock, max_payload=wire.MAX_CONTROL_PAYLOAD)
+    wire.check_not_busy(reply)
     if reply.kind is wire.Kind.ERROR:
         raise AuthenticationError(f"the server refused this worker: {reply.payload.decode(errors='replace')}")
     if reply.kind is not wire.Kind.AUTH_OK or not hmac.compare_digest(reply.payload, _mac(key, b"server", nonce)):

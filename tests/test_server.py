@@ -334,7 +334,7 @@ time.sleep(600)
 def test_a_flood_of_silent_peers_does_not_stop_the_server(server):
     peers = []
     try:
-        for _ in range(100):  # more than the 64 handshakes allowed at once: the rest are closed at once
+        for _ in range(300):  # more than the 256 peers allowed to join at once: the rest are turned away at once
             peers.append(server.raw_socket())
     finally:
         for peer in peers:

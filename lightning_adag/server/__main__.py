@@ -21,7 +21,7 @@ import torch
 from lightning_adag import auth
 from lightning_adag.server.aggregator import GATHER, AggregatorCore
 from lightning_adag.server.core import SHARD_BYTES, ServerCore
-from lightning_adag.server.service import Service
+from lightning_adag.server.service import MAX_HANDSHAKES, Service
 from lightning_adag.server.snapshots import Snapshotter
 from lightning_adag.transports import TRANSPORTS
 from lightning_adag.transports.base import Listener
@@ -65,6 +65,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " the shards, one core each; a size at least the model's turns pipelining off",
     )
     parser.add_argument(
+        "--max-handshakes",
+        type=int,
+        default=MAX_HANDSHAKES,
+        help="peers allowed to be joining at once (default %(default)s); more are told the server is busy and retry,"
+        " and a peer silent for a second makes room for a new one",
+    )
+    parser.add_argument(
         "--upstream",
         metavar="HOST:PORT",
         help="run as a node's aggregator: sum the local workers' commits and send them to the server at HOST:PORT"
@@ -100,6 +107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--checkpoint-every must be positive")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.max_handshakes < 1:
+        parser.error("--max-handshakes must be at least 1")
     if args.shard_mib <= 0:
         parser.error("--shard-mib must be positive")
     if args.upstream is not None:
@@ -141,13 +150,13 @@ def serve(args: argparse.Namespace) -> int:
         aggregator = None
         core = ServerCore(shard_bytes=max(1, round(args.shard_mib * 2**20)))
         snapshotter = Snapshotter(core, args.checkpoint, args.checkpoint_every) if args.checkpoint else None
-        service = Service(core, key)
+        service = Service(core, key, max_handshakes=args.max_handshakes)
     else:  # a node's aggregator (no --checkpoint: it holds no center of its own)
         aggregator = AggregatorCore(
             args.upstream, key, args.node_rank, args.node_workers, args.gather_ms / 1e3, args.upstream_timeout
         )
         snapshotter = None
-        service = Service(aggregator, key, assignments=aggregator)
+        service = Service(aggregator, key, assignments=aggregator, max_handshakes=args.max_handshakes)
     stop_snapshots = threading.Event()
     try:
         if snapshotter is not None:

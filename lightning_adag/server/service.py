@@ -14,6 +14,7 @@ import selectors
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -28,7 +29,11 @@ from lightning_adag.transports.base import Channel, ChannelRefused, Listener
 log = logging.getLogger("lightning_adag.server")
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a peer has, in all, to authenticate and say hello
-MAX_PENDING_HANDSHAKES = 64  # connections allowed to be authenticating at once
+MAX_HANDSHAKES = 256  # connections allowed to be joining at once, by default (--max-handshakes)
+#: Seconds after which a peer that has not authenticated may be turned away to make room for another: an honest
+#: worker answers the challenge within milliseconds.
+EVICTABLE_AFTER = 1.0
+BUSY = b"the parameter server is busy: too many peers are joining at once; retry shortly"
 _REFUSED = (
     wire.ProtocolError,
     auth.AuthenticationError,
@@ -42,20 +47,37 @@ _REFUSED = (
 )
 
 
+@dataclass(eq=False)
+class Handshake:
+    """A connection that has not finished joining."""
+
+    conn: socket.socket
+    started: float
+    authenticated: bool = False
+    evicted: bool = False
+
+
 class Service:
     """Serves one :class:`ServerCore` through any number of transport listeners (see
     :mod:`lightning_adag.transports`); each connection gets its transport's channel. A node's aggregator serves
     its own core (see :mod:`lightning_adag.server.aggregator`) and hands data assignment on to the server above it
     (``assignments``: anything with :meth:`Assignments.take`)."""
 
-    def __init__(self, core: ServerCore, key: bytes, assignments: Assignments | None = None) -> None:
+    def __init__(
+        self,
+        core: ServerCore,
+        key: bytes,
+        assignments: Assignments | None = None,
+        max_handshakes: int = MAX_HANDSHAKES,
+    ) -> None:
         self.core = core
         self.assignments = assignments or Assignments()
         self._key = key
         self._listeners: list[Listener] = []
         self._connections: set[socket.socket] = set()
         self._guard = threading.Lock()
-        self._handshake_slots = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
+        self._max_handshakes = max_handshakes
+        self._handshakes: dict[socket.socket, Handshake] = {}  # under _guard
 
     def listen(self, listener: Listener) -> None:
         listener.socket.listen(256)
@@ -82,24 +104,50 @@ class Service:
                     return
 
     def _accept(self, listener: Listener) -> None:
-        """Start a worker's thread, unless too many peers are still unauthenticated; never let an accept error
-        (out of file descriptors, a peer that reset at once) stop the server."""
+        """Start a worker's thread. While ``max_handshakes`` peers are joining, make room by turning away the
+        oldest that has not authenticated within :data:`EVICTABLE_AFTER` (a silent socket), or else turn this one
+        away as busy: either way the one turned away is told so and retries. Never let an accept error (out of
+        file descriptors, a peer that reset at once) stop the server."""
         try:
             conn, peer = listener.socket.accept()
         except OSError as err:
             log.warning("accept failed: %s", err)
             time.sleep(0.05)
             return
-        if not self._handshake_slots.acquire(blocking=False):
-            log.warning("refusing %s: %d peers are still authenticating", peer, MAX_PENDING_HANDSHAKES)
-            conn.close()
+        with self._guard:
+            admitted = len(self._handshakes) < self._max_handshakes or self._evict_stalest()
+            if admitted:
+                handshake = self._handshakes[conn] = Handshake(conn, time.monotonic())
+        if not admitted:
+            log.warning("turning %s away: %d peers are joining at once", peer or "a peer", len(self._handshakes))
+            _turn_away(conn)
             return
         try:
-            threading.Thread(target=self._serve_worker, args=(conn, peer, listener), daemon=True).start()
+            threading.Thread(target=self._serve_worker, args=(handshake, peer, listener), daemon=True).start()
         except RuntimeError as err:  # cannot start a thread
-            log.warning("refusing %s: %s", peer, err)
-            self._handshake_slots.release()
-            conn.close()
+            log.warning("turning %s away: %s", peer or "a peer", err)
+            self._end_handshake(handshake)
+            _turn_away(conn)
+
+    def _evict_stalest(self) -> bool:
+        """Turn away the oldest joining peer that has not authenticated within :data:`EVICTABLE_AFTER` seconds, to
+        make room (called under ``_guard``); False if there is none. Its own thread tells it and closes it."""
+        now = time.monotonic()
+        stale = [h for h in self._handshakes.values() if not h.authenticated and now - h.started > EVICTABLE_AFTER]
+        if not stale:
+            return False
+        oldest = min(stale, key=lambda handshake: handshake.started)
+        oldest.evicted = True
+        del self._handshakes[oldest.conn]
+        try:
+            oldest.conn.shutdown(socket.SHUT_RD)  # wakes its thread, blocked reading the peer's answer
+        except OSError:
+            pass
+        return True
+
+    def _end_handshake(self, handshake: Handshake) -> None:
+        with self._guard:
+            self._handshakes.pop(handshake.conn, None)
 
     def close(self) -> None:
         """Close the listeners (removing what they created) and every worker connection (their threads then
@@ -110,7 +158,8 @@ class Service:
             for conn in list(self._connections):
                 _shut(conn)
 
-    def _serve_worker(self, conn: socket.socket, peer, listener: Listener) -> None:
+    def _serve_worker(self, handshake: Handshake, peer, listener: Listener) -> None:
+        conn = handshake.conn
         with self._guard:
             self._connections.add(conn)
         channel = None
@@ -121,6 +170,7 @@ class Service:
         try:
             try:
                 auth.challenge(conn, self._key)
+                handshake.authenticated = True
                 hello = wire.recv(conn)
                 if hello.kind is not wire.Kind.HELLO:
                     raise wire.ProtocolError(f"expected HELLO after authentication, got {hello.kind.name}")
@@ -131,7 +181,7 @@ class Service:
                 channel = listener.channel(conn, layout)
             finally:
                 watchdog.cancel()
-                self._handshake_slots.release()
+                self._end_handshake(handshake)
             welcome = {**channel.welcome, "initialized": self.core.initialized, "clock": self.core.clock}
             wire.send(conn, wire.Kind.WELCOME, payload=wire.json_payload(welcome))
             log.info("%s joined at clock %d", who, self.core.clock)
@@ -142,7 +192,9 @@ class Service:
                 self._answer(conn, rank, header, channel)
                 header = wire.read_header(conn, max_payload)
         except EOFError:
-            pass
+            if handshake.evicted:
+                log.warning("turned %s away: silent while other peers were waiting to join", who)
+                _turn_away(conn)
         except _REFUSED as err:
             log.warning("closing the connection of %s: %s", who, err)
             if not isinstance(err, auth.AuthenticationError):  # challenge() already told the peer
@@ -202,6 +254,16 @@ class Service:
                 wire.send(conn, wire.Kind.REPORT, payload=wire.json_payload(self.core.stats()))
             else:
                 raise wire.ProtocolError(f"unexpected {kind.name} frame from a worker")
+
+
+def _turn_away(conn: socket.socket) -> None:
+    """Tell a peer that the server is busy (it retries), without ever blocking on it, and close it."""
+    try:
+        conn.setblocking(False)
+        conn.send(wire.encode(wire.Kind.BUSY, payload=BUSY))
+    except OSError:
+        pass
+    conn.close()
 
 
 def _shut(conn: socket.socket) -> None:

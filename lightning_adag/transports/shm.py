@@ -84,6 +84,9 @@ class ShmClient(Client):
         sock.settimeout(timeout)
         try:
             sock.connect(address)
+        except BlockingIOError as err:  # the listening socket's queue is full: the server is busy accepting
+            sock.close()
+            raise wire.ServerBusyError(f"its queue of connections is full ({err})") from err
         except OSError as err:
             sock.close()
             raise wire.ServerGoneError(f"cannot reach the parameter server at {address}: {err}") from err

@@ -1,0 +1,75 @@
+"""Joining a server under load: peers beyond what it admits at once are told it is busy and retry, and silent
+sockets cannot keep honest workers out. Real server processes and sockets."""
+
+from __future__ import annotations
+
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import running_server
+
+from lightning_adag import wire
+from lightning_adag.flat import Layout
+from lightning_adag.transports import connect
+from lightning_adag.transports.tcp import split_address
+
+LAYOUT = Layout(numel=10, trainable=8, dtype=torch.float32, digest="admission")
+ADAG = {"name": "adag"}
+KEY = "admission-test-key"
+
+
+def raw_socket(transport: str, address: str) -> socket.socket:
+    if transport == "tcp":
+        return socket.create_connection(split_address(address), timeout=10)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(address)  # blocking: waits while the listening socket's queue is full
+    sock.settimeout(10)
+    return sock
+
+
+def join(transport: str, address: str, rank: int, timeout: float = 60):
+    return connect(transport, address, rank, LAYOUT, ADAG, KEY.encode(), timeout=timeout)
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+@pytest.mark.parametrize(("options", "silent"), [((), 300), (("--max-handshakes", "8"), 8)], ids=["default", "8"])
+def test_an_honest_worker_joins_while_silent_sockets_hold_every_slot(transport, options, silent):
+    with running_server(transport, KEY, options) as server:
+        peers = [raw_socket(transport, server.address) for _ in range(silent)]
+        try:
+            time.sleep(1.5)  # they have been silent long enough to make room for someone else
+            started = time.monotonic()
+            client = join(transport, server.address, 0)
+            assert time.monotonic() - started < 5  # not after the silent ones' 10 s handshake deadline
+            client.close()
+        finally:
+            for peer in peers:
+                peer.close()
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_workers_joining_at_once_beyond_the_limit_are_told_busy_and_all_get_in(transport):
+    with running_server(transport, KEY, ("--max-handshakes", "2")) as server:
+        with ThreadPoolExecutor(64) as pool:
+            clients = list(pool.map(lambda rank: join(transport, server.address, rank), range(64)))
+        try:
+            assert len(clients) == 64
+            clients[0].mailbox.fill_(1.0)
+            clients[0].initialize(0)
+            assert all(client.pull().clock == 0 for client in clients)
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_a_busy_server_is_told_apart_from_a_dead_one():
+    with running_server("tcp", KEY, ("--max-handshakes", "1")) as server:
+        holder = raw_socket("tcp", server.address)  # takes the only slot, and is not silent for long enough
+        try:
+            with pytest.raises(wire.ServerBusyError, match="stayed busy for 0 s.*--max-handshakes"):
+                join("tcp", server.address, 1, timeout=0.2)
+        finally:
+            holder.close()
