@@ -54,10 +54,12 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def running_server(transport: str = "shm", key: str = "k", options: tuple[str, ...] = ()):
+def running_server(
+    transport: str = "shm", key: str = "k", options: tuple[str, ...] = (), log_level: str = "ERROR", stderr=None
+):
     """A server process of the tests' own (a server runs the one algorithm and model its first worker names),
-    ready, and stopped afterwards whatever happens."""
-    server = ServerProcess.start(key, transport, log_level="ERROR", options=options)
+    ready, and stopped afterwards whatever happens; its log at ``log_level`` goes to ``stderr`` (a file)."""
+    server = ServerProcess.start(key, transport, log_level=log_level, options=options, stderr=stderr)
     try:
         server.wait_ready()
         yield server

@@ -1,18 +1,23 @@
-"""Joining a server under load: peers beyond what it admits at once are told it is busy and retry, and silent
-sockets cannot keep honest workers out. Real server processes and sockets."""
+"""Joining a server under load: peers beyond what it admits at once are told it is busy and retry, silent
+sockets cannot keep honest workers out, and refusals cannot flood the log. Real server processes and sockets."""
 
 from __future__ import annotations
 
+import logging
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from conftest import running_server
+from hypothesis import given
+from hypothesis import strategies as st
 
-from lightning_adag import wire
+from lightning_adag import auth, wire
 from lightning_adag.flat import Layout
+from lightning_adag.server.refusals import RefusalLog
 from lightning_adag.transports import connect
 from lightning_adag.transports.tcp import split_address
 
@@ -73,3 +78,46 @@ def test_a_busy_server_is_told_apart_from_a_dead_one():
                 join("tcp", server.address, 1, timeout=0.2)
         finally:
             holder.close()
+
+
+def test_a_flood_of_refused_peers_leaves_a_few_log_lines(tmp_path):
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log_file:
+        with running_server("tcp", KEY, log_level="WARNING", stderr=log_file) as server:
+            for _ in range(300):  # each fails authentication
+                sock = raw_socket("tcp", server.address)
+                try:
+                    auth.answer(sock, b"not-the-key")
+                except (auth.AuthenticationError, OSError):
+                    pass
+                sock.close()
+            client = join("tcp", server.address, 0)  # still serving
+            client.close()
+    lines = log_path.read_text().splitlines()
+    refusals = [line for line in lines if "failed authentication" in line]
+    assert 1 <= len(refusals) <= 20, lines[:30]
+
+
+@given(st.lists(st.floats(0, 30), max_size=200))
+def test_refusals_log_at_most_a_burst_per_interval_and_count_the_rest(gaps):
+    now = [0.0]
+    records: list[logging.LogRecord] = []
+    logger = logging.getLogger(f"refusals-{threading.get_ident()}")
+    logger.propagate = False
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        refusals = RefusalLog(logger, burst=3, interval=10.0, clock=lambda: now[0])
+        for gap in gaps:
+            now[0] += gap
+            refusals.warn("refused %s", "a peer")
+        now[0] += 10.0
+        refusals.flush()
+    finally:
+        logger.removeHandler(handler)
+    one_by_one = [r for r in records if r.getMessage() == "refused a peer"]
+    counted = sum(r.args[0] for r in records if "not logged one by one" in r.msg)
+    assert len(one_by_one) + counted == len(gaps)  # nothing is lost from the count
+    intervals = 1 + sum(gaps) / 10.0
+    assert len(one_by_one) <= 3 * (intervals + 1)

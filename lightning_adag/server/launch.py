@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 from lightning_adag import auth
 from lightning_adag.transports import TRANSPORTS
@@ -47,11 +48,13 @@ class ServerProcess:
         where: str | None = None,
         log_level: str = "WARNING",
         options: Sequence[str] = (),
+        stderr: int | IO | None = None,
     ) -> ServerProcess:
         """Start the process, listening for ``transport``'s workers at ``where`` (an address in that transport's
         terms: a socket path for shm, ``host:port`` for tcp, port 0 picking a free one; by default a new one of
         this machine). It imports and binds in the background until :meth:`wait_ready`. ``options`` are more
-        ``adag-server`` command-line options (``"--shard-mib", "64"``)."""
+        ``adag-server`` command-line options (``"--shard-mib", "64"``); ``stderr``, where its log goes (by default,
+        this process's stderr)."""
         where = where or TRANSPORTS[transport].listener.default_where()
         lifeline_read, lifeline_write = os.pipe()
         ready_read, ready_write = os.pipe()
@@ -72,6 +75,7 @@ class ServerProcess:
                 pass_fds=(lifeline_read, ready_write),
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
+                stderr=stderr,
             )
         except BaseException:
             os.close(lifeline_write)

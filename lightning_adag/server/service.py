@@ -24,6 +24,7 @@ from lightning_adag.payload import CommitPayload
 from lightning_adag.plan import EpochPlan
 from lightning_adag.server.assignment import Assignments
 from lightning_adag.server.core import LayoutMismatchError, ServerCore
+from lightning_adag.server.refusals import RefusalLog
 from lightning_adag.transports.base import Channel, ChannelRefused, Listener
 
 log = logging.getLogger("lightning_adag.server")
@@ -78,6 +79,7 @@ class Service:
         self._guard = threading.Lock()
         self._max_handshakes = max_handshakes
         self._handshakes: dict[socket.socket, Handshake] = {}  # under _guard
+        self._refusals = RefusalLog(log)
 
     def listen(self, listener: Listener) -> None:
         listener.socket.listen(256)
@@ -94,6 +96,7 @@ class Service:
             if lifeline is not None:
                 selector.register(lifeline, selectors.EVENT_READ, None)
             while True:
+                self._refusals.flush()
                 for key, _ in selector.select(timeout=1.0):
                     if key.data is None:
                         log.info("owner process is gone; shutting down")
@@ -111,7 +114,7 @@ class Service:
         try:
             conn, peer = listener.socket.accept()
         except OSError as err:
-            log.warning("accept failed: %s", err)
+            self._refusals.warn("accept failed: %s", err)
             time.sleep(0.05)
             return
         with self._guard:
@@ -119,13 +122,15 @@ class Service:
             if admitted:
                 handshake = self._handshakes[conn] = Handshake(conn, time.monotonic())
         if not admitted:
-            log.warning("turning %s away: %d peers are joining at once", peer or "a peer", len(self._handshakes))
+            self._refusals.warn(
+                "turning %s away: %d peers are joining at once", peer or "a peer", len(self._handshakes)
+            )
             _turn_away(conn)
             return
         try:
             threading.Thread(target=self._serve_worker, args=(handshake, peer, listener), daemon=True).start()
         except RuntimeError as err:  # cannot start a thread
-            log.warning("turning %s away: %s", peer or "a peer", err)
+            self._refusals.warn("turning %s away: %s", peer or "a peer", err)
             self._end_handshake(handshake)
             _turn_away(conn)
 
@@ -193,10 +198,12 @@ class Service:
                 header = wire.read_header(conn, max_payload)
         except EOFError:
             if handshake.evicted:
-                log.warning("turned %s away: silent while other peers were waiting to join", who)
+                self._refusals.warn("turned %s away: silent while other peers were waiting to join", who)
                 _turn_away(conn)
         except _REFUSED as err:
-            log.warning("closing the connection of %s: %s", who, err)
+            (log.warning if handshake.authenticated else self._refusals.warn)(
+                "closing the connection of %s: %s", who, err
+            )
             if not isinstance(err, auth.AuthenticationError):  # challenge() already told the peer
                 try:
                     wire.send(conn, wire.Kind.ERROR, payload=str(err).encode("utf-8", "replace"))
