@@ -8,6 +8,7 @@ with ``--checkpoint`` it also outlives itself.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -27,6 +28,9 @@ from lightning_adag.transports import TRANSPORTS
 from lightning_adag.transports.base import Listener
 
 log = logging.getLogger("lightning_adag.server")
+
+
+_ADDRESS_IN_USE = " (another server listens there: stop it, or choose another --port or --unix path)"
 
 
 def _stop(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -164,7 +168,13 @@ def serve(args: argparse.Namespace) -> int:
             threading.Thread(target=snapshotter.run, args=(stop_snapshots,), daemon=True).start()
         addresses = []
         for endpoint in args.listen:
-            listener = open_listener(endpoint)
+            try:
+                listener = open_listener(endpoint)
+            except OSError as err:
+                log.error(
+                    "cannot listen on %s: %s%s", endpoint, err, _ADDRESS_IN_USE if err.errno == errno.EADDRINUSE else ""
+                )
+                return 1
             service.listen(listener)
             addresses.append(listener.address)
             log.info("listening on %s", listener.address)
@@ -174,9 +184,6 @@ def serve(args: argparse.Namespace) -> int:
         service.serve(lifeline=args.lifeline_fd)
     except (KeyboardInterrupt, SystemExit):
         pass
-    except OSError as err:
-        log.error("cannot listen: %s (choose another --port, or stop the process that holds it)", err)
-        return 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the clean-up even if asked again
         log.info("stopping")

@@ -114,7 +114,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        TRANSPORTS[self._transport].listener.clean_up(self._where)
+        TRANSPORTS[self._transport].listener.clean_up(self._where, self.process.pid)
 
 
 def _read_ready_line(fd: int, process: subprocess.Popen, timeout: float) -> dict:

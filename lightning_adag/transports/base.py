@@ -264,8 +264,9 @@ class Listener:
         raise NotImplementedError
 
     @staticmethod
-    def clean_up(where: str) -> None:
-        """Remove what a server listening at ``where`` leaves behind when it is killed before it can."""
+    def clean_up(where: str, pid: int) -> None:
+        """Remove what the server process ``pid``, told to listen at ``where``, leaves behind when it is killed
+        before it can; never what another process made there (a live server at the same address)."""
 
 
 @dataclass(frozen=True)
