@@ -9,6 +9,7 @@ algorithm runs. The formulas are those of ``PAPER.md``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -77,6 +78,13 @@ class Algorithm:
         """Raise a ``ValueError`` if ``commit`` cannot be applied, before the server counts it."""
 
     @property
+    def step_gain(self) -> float | None:
+        """How far one commit can move any element of the center, at most, as a multiple of the delta's largest
+        magnitude; None when state the rule keeps can move it further (an outer momentum). The server checks a
+        commit for overflow only when this bound cannot rule it out."""
+        return 1.0
+
+    @property
     def elementwise(self) -> bool:
         """Whether :meth:`server_apply` treats every element on its own and keeps no state, so that the server may
         apply a commit one shard at a time (and pipeline commits, see ``ServerCore``)."""
@@ -129,8 +137,8 @@ class NesterovOuter:
     def __init__(self, momentum: float, lr: float) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"outer_momentum must be in [0, 1), got {momentum!r}")
-        if not lr > 0.0:
-            raise ValueError(f"outer_lr must be positive, got {lr!r}")
+        if not 0.0 < lr < math.inf:
+            raise ValueError(f"outer_lr must be a positive, finite number, got {lr!r}")
         self.momentum, self.lr = float(momentum), float(lr)
         self.buffer: Tensor | None = None
 
@@ -176,6 +184,12 @@ class DOWNPOUR(Algorithm):
     @property
     def state_names(self) -> tuple[str, ...]:
         return ("outer_momentum",) if self._outer.momentum > 0.0 else ()
+
+    @property
+    def step_gain(self) -> float | None:
+        if self._outer.momentum > 0.0:
+            return None
+        return self._outer.lr if self._outer_on else 1.0
 
     def server_state(self) -> dict[str, Tensor]:
         if not self.state_names or self._outer.buffer is None:
@@ -225,8 +239,8 @@ class ADAG(DOWNPOUR):
         outer_lr: float = 1.0,
     ) -> None:
         super().__init__(window, outer_momentum, outer_lr)
-        if gamma is not None and not (isinstance(gamma, (int, float)) and gamma > 0.0):
-            raise ValueError(f"gamma must be a positive number (the thesis used 1e-4), got {gamma!r}")
+        if gamma is not None and not (isinstance(gamma, (int, float)) and 0.0 < gamma < math.inf):
+            raise ValueError(f"gamma must be a positive, finite number (the thesis used 1e-4), got {gamma!r}")
         self.gamma = None if gamma is None else float(gamma)
         self._pulled: PulledCenters | None = PulledCenters() if self.gamma is not None else None
 
@@ -332,10 +346,10 @@ class AEASGD(Algorithm):
 
     def __init__(self, window: int | None = None, rho: float = 5.0, elastic_lr: float = 0.01) -> None:
         super().__init__(window)
-        if not rho > 0.0:
-            raise ValueError(f"rho must be positive, got {rho!r}")
-        if not elastic_lr > 0.0:
-            raise ValueError(f"elastic_lr must be positive, got {elastic_lr!r}")
+        if not 0.0 < rho < math.inf:
+            raise ValueError(f"rho must be a positive, finite number, got {rho!r}")
+        if not 0.0 < elastic_lr < math.inf:
+            raise ValueError(f"elastic_lr must be a positive, finite number, got {elastic_lr!r}")
         if not rho * elastic_lr <= 1.0:
             raise ValueError(f"rho * elastic_lr (the elastic coefficient α) must be at most 1, got {rho * elastic_lr}")
         self.rho, self.elastic_lr = float(rho), float(elastic_lr)

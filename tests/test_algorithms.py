@@ -151,13 +151,19 @@ def test_server_state_is_restored_only_into_a_server_without_a_center():
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: AEASGD(rho=0), "rho must be positive"),
-        (lambda: AEASGD(elastic_lr=-1), "elastic_lr must be positive"),
+        (lambda: AEASGD(rho=0), "rho must be a positive, finite number"),
+        (lambda: AEASGD(rho=float("inf"), elastic_lr=0.0), "rho must be a positive, finite number"),
+        (lambda: AEASGD(elastic_lr=-1), "elastic_lr must be a positive, finite number"),
+        (lambda: AEASGD(elastic_lr=float("nan")), "elastic_lr must be a positive, finite number"),
         (lambda: AEASGD(rho=50, elastic_lr=0.1), "at most 1"),
-        (lambda: ADAG(gamma=0), "gamma must be a positive number"),
+        (lambda: ADAG(gamma=0), "gamma must be a positive, finite number"),
+        (lambda: ADAG(gamma=float("inf")), "gamma must be a positive, finite number"),
         (lambda: ADAG(outer_momentum=1.0), r"outer_momentum must be in \[0, 1\)"),
+        (lambda: ADAG(outer_momentum=float("nan")), r"outer_momentum must be in \[0, 1\)"),
         (lambda: DOWNPOUR(outer_momentum=-0.1), r"outer_momentum must be in \[0, 1\)"),
-        (lambda: DOWNPOUR(outer_lr=0), "outer_lr must be positive"),
+        (lambda: DOWNPOUR(outer_lr=0), "outer_lr must be a positive, finite number"),
+        (lambda: DOWNPOUR(outer_lr=float("inf")), "outer_lr must be a positive, finite number"),
+        (lambda: server_rule({"name": "adag", "outer_lr": float("inf")}), "outer_lr must be a positive, finite"),
     ],
 )
 def test_bad_hyperparameters_are_refused(make, message):

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lightning_adag.algorithms import Commit, server_rule
 from lightning_adag.flat import Layout
 from lightning_adag.payload import CommitPayload
 from lightning_adag.server.core import SHARD_BYTES, LayoutMismatchError, ServerCore
@@ -288,3 +289,61 @@ def test_finite_values_whose_sum_overflows_are_accepted():
     assert not torch.isfinite(delta.sum())
     assert core.commit(0, delta, 0).clock == 1
     assert torch.equal(core.center, torch.full((6,), 60000.0, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------- overflow
+#: Rules whose step the server can bound (plain, an outer learning rate) and one whose momentum it cannot.
+OVERFLOW_RULES = [ADAG, {"name": "downpour", "outer_lr": 2.0}, {"name": "adag", "outer_momentum": 0.9}]
+huge = st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=4, max_size=4)
+
+
+def _state(rule) -> dict:
+    return {name: vector.clone() for name, vector in rule.server_state().items()}
+
+
+@given(st.sampled_from(OVERFLOW_RULES), huge, st.lists(huge, min_size=1, max_size=6))
+@settings(max_examples=300, deadline=None)
+def test_finite_commits_never_make_the_center_infinite_and_a_refused_one_changes_nothing(spec, initial, deltas):
+    """Law: a finite commit is applied exactly as the rule says unless that would make the center (or the rule's
+    state) infinite; then it is refused as an overflow, and the center, the rule's state and the clock are as
+    before, bit for bit."""
+    core = ServerCore(shard_bytes=8)  # two float32 elements per shard
+    core.configure(Layout(6, 4, torch.float32, "d"), spec)
+    core.initialize(torch.tensor([*initial, 0.0, 0.0]), 0)
+    for delta in map(torch.tensor, deltas):
+        before, state, clock = core.center.clone(), _state(core.algorithm), core.clock
+        rule = server_rule(spec)  # the same rule applied to a copy, unchecked
+        for name, vector in state.items():
+            rule.load_server_state(name, vector)
+        expected = before[:4].clone()
+        rule.server_apply(expected, delta, Commit(0, clock, clock))
+        overflows = not all(bool(torch.isfinite(v).all()) for v in (expected, *rule.server_state().values()))
+        try:
+            core.commit(0, torch.cat([delta, torch.tensor([1.0, 2.0])]), clock)
+        except ValueError as err:
+            assert overflows and "overflow float32" in str(err) and "diverged" not in str(err)
+            assert torch.equal(core.center, before) and core.clock == clock
+            assert _state(core.algorithm).keys() <= state.keys() | {"outer_momentum"}
+            assert all(torch.equal(v, state.get(n, torch.zeros_like(v))) for n, v in _state(core.algorithm).items())
+            continue
+        assert not overflows and core.clock == clock + 1
+        assert torch.equal(core.center[:4], expected) and bool(torch.isfinite(core.center).all())
+
+
+@pytest.mark.parametrize(
+    ("spec", "initial", "delta"),
+    [
+        (ADAG, 1e38, 3e38),
+        ({"name": "adag", "outer_lr": 4.0}, 1e38, 1e38),
+        ({"name": "adag", "outer_momentum": 0.9}, 1e38, 1e38),
+    ],
+    ids=["overflowing-delta", "outer-lr", "outer-momentum"],
+)
+def test_a_commit_that_overflows_the_center_is_refused_as_such(spec, initial, delta):
+    core = ServerCore()
+    core.configure(Layout(2, 2, torch.float32, "d"), spec)
+    core.initialize(torch.full((2,), initial), 0)
+    with pytest.raises(ValueError, match="worker 3's commit would make the center overflow float32.*unchanged"):
+        for _ in range(3):  # momentum overflows on the second commit
+            core.commit(3, torch.full((2,), delta), core.clock)
+    assert bool(torch.isfinite(core.center).all())

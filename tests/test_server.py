@@ -392,3 +392,18 @@ def test_a_control_frame_announcing_a_payload_is_refused_before_it_arrives(serve
     finally:
         sock.close()
     assert server.center()[1] >= 0
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_a_commit_that_overflows_the_center_is_refused_and_the_center_stays_finite(transport):
+    with running_server(transport, KEY) as process:
+        server = Server(transport, process)
+        first = server.connect()
+        first.mailbox.fill_(1e38)
+        first.initialize(0)
+        before = server.center()
+        first.mailbox.fill_(3e38)  # finite, but 1e38 + 3e38 is not
+        with pytest.raises(wire.ServerRefusedError, match="worker 0's commit would make the center overflow float32"):
+            first.commit(before[1], 1)
+        first.close()
+        assert_unchanged(before, server.center())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +64,11 @@ DIVERGED = (
     "The center is unchanged. The worker's parameters have diverged: lower the learning rate, clip gradients"
     " (Trainer(gradient_clip_val=...)) or look for the step whose loss became NaN."
 )
+#: What a commit refused for overflowing the center says (its dtype and largest finite value are filled in).
+OVERFLOWED = (
+    "would make the center overflow {dtype} (largest finite value {limit:.3g}); the center is unchanged."
+    " Lower outer_lr or outer_momentum, or the learning rate: parameters this large have run away."
+)
 #: What a refused initial center or server state says.
 RESTORED = "Check the model's initialization, or the checkpoint or server snapshot it was restored from."
 
@@ -104,6 +110,14 @@ def commit_values(layout: Layout, clock: int, delta: Tensor, pulled_clock: int, 
     return values
 
 
+def largest_magnitude(tensor: Tensor) -> float:
+    """The largest ``|x|`` in ``tensor`` (NaN if any element is NaN, infinite if any is), in one read."""
+    if not tensor.numel():
+        return 0.0
+    low, high = (float(v) for v in torch.aminmax(tensor))
+    return max(abs(low), abs(high)) if math.isfinite(low) and math.isfinite(high) else math.nan
+
+
 def require_finite(tensor: Tensor, what: str, advice: str) -> None:
     """Raise a ``ValueError`` that says how many elements of ``tensor`` are NaN or infinite, if any are (checked
     at memory speed by :func:`~lightning_adag.flat.all_finite`; only a refusal pays for the exact count)."""
@@ -143,6 +157,10 @@ class ServerCore:
         self.clock = 0
         self.initialized = False
         self.workers: dict[int, WorkerRecord] = {}
+        #: An upper bound on ``|C|`` of the trainable region; while a commit cannot take it past ``_headroom`` it
+        #: is applied without a check (see :meth:`commit`).
+        self._bound = 0.0
+        self._headroom = 0.0
 
     def configure(self, layout: Layout, algorithm_spec: dict) -> None:
         """Accept a worker's layout and algorithm: the first one defines them, later ones must agree."""
@@ -167,6 +185,8 @@ class ServerCore:
             if not self.initialized:
                 require_finite(values, "the initial center", RESTORED)
                 self.center.copy_(values)
+                self._bound = largest_magnitude(self.center[: self.layout.trainable])
+                self._headroom = torch.finfo(self.center.dtype).max / 2
                 self.clock = clock
                 self.initialized = True
             return Receipt(self.clock)
@@ -182,32 +202,79 @@ class ServerCore:
         buffers) replace the center's, so running statistics travel from worker to worker.
 
         A commit holding NaN or an infinity is refused whole (``ValueError``) before it takes a clock: one diverged
-        worker must not poison the center every other worker pulls. The check runs outside the locks.
+        worker must not poison the center every other worker pulls. The check runs outside the locks. So is a finite
+        commit that would make the center overflow: while the algorithm bounds how far a commit moves the center
+        (``Algorithm.step_gain``) and that bound keeps the center far from its dtype's largest value, commits are
+        pipelined unchecked; otherwise the commit is applied with the whole center held, checked, and rolled back
+        if any element became infinite.
         """
-        require_finite_commit(worker, delta, values)
+        largest = largest_magnitude(delta)
+        if not math.isfinite(largest):
+            require_finite(delta, f"worker {worker}'s commit", DIVERGED)
+        if values is not None:
+            require_finite(values, f"worker {worker}'s commit (its buffers)", DIVERGED)
         with self._entry:
             self._require_initialized()
-            trainable = self.layout.trainable
             values = commit_values(self.layout, self.clock, delta, pulled_clock, values)
             commit = Commit(worker, pulled_clock, self.clock)
             self.algorithm.server_admit(commit)
-            self.clock += 1
-            self.workers.setdefault(worker, WorkerRecord()).add(commit.staleness)
-            receipt = Receipt(self.clock, commit.staleness)
+            gain = self.algorithm.step_gain
+            if gain is None or self._bound + gain * largest >= self._headroom:
+                return self._commit_checked(commit, delta, values, out)
+            self._bound += gain * largest
+            receipt = self._count(commit)
             first = self._enter()
 
         def apply(span: slice, final: bool) -> None:
-            stop = min(span.stop, trainable)
-            if span.start < stop:
-                self.algorithm.server_apply(self.center[span.start : stop], delta[span.start : stop], commit)
-            start = max(span.start, trainable)
-            if start < span.stop:
-                self.center[start : span.stop].copy_(values[start - trainable : span.stop - trainable])
+            self._apply(commit, delta, values, span)
             if out is not None:
                 self._hand_out(worker, receipt.clock, out, span, final)
 
         self._walk(first, apply)
         return receipt
+
+    def _commit_checked(self, commit: Commit, delta: Tensor, values: Tensor, out: Tensor | None) -> Receipt:
+        """Apply ``commit`` with the whole center held (the caller holds the entry lock), and undo it, raising a
+        ``ValueError``, if it made any element of the center or of the algorithm's state infinite."""
+        with self._all_shards():
+            center = self.center.clone()
+            state = {name: vector.clone() for name, vector in self.algorithm.server_state().items()}
+            for span in self._spans:
+                self._apply(commit, delta, values, span)
+            trainable = self.center[: self.layout.trainable]
+            if not all(map(all_finite, (trainable, *self.algorithm.server_state().values()))):
+                self.center.copy_(center)
+                for name, vector in state.items():
+                    self.algorithm.load_server_state(name, vector)
+                for name in set(self.algorithm.server_state()) - set(state):  # created by this commit
+                    self.algorithm.load_server_state(name, torch.zeros_like(trainable))
+                limit = torch.finfo(self.center.dtype).max
+                raise ValueError(
+                    f"worker {commit.worker}'s commit "
+                    + OVERFLOWED.format(dtype=str(self.center.dtype).removeprefix("torch."), limit=limit)
+                )
+            self._bound = largest_magnitude(trainable)
+            receipt = self._count(commit)
+            for index, span in enumerate(self._spans):
+                if out is not None:
+                    self._hand_out(commit.worker, receipt.clock, out, span, index == len(self._spans) - 1)
+            return receipt
+
+    def _apply(self, commit: Commit, delta: Tensor, values: Tensor, span: slice) -> None:
+        """Fold ``commit`` into one shard: its delta through the algorithm's rule, its values copied."""
+        trainable = self.layout.trainable
+        stop = min(span.stop, trainable)
+        if span.start < stop:
+            self.algorithm.server_apply(self.center[span.start : stop], delta[span.start : stop], commit)
+        start = max(span.start, trainable)
+        if start < span.stop:
+            self.center[start : span.stop].copy_(values[start - trainable : span.stop - trainable])
+
+    def _count(self, commit: Commit) -> Receipt:
+        """Advance the clock for an applied ``commit`` and record it (under the entry lock)."""
+        self.clock += 1
+        self.workers.setdefault(commit.worker, WorkerRecord()).add(commit.staleness)
+        return Receipt(self.clock, commit.staleness)
 
     def read(self, out: Tensor, worker: int | None = None) -> Receipt:
         """Copy a consistent snapshot of the center into ``out`` (the center ``worker``, if named, now holds)."""
@@ -309,7 +376,13 @@ class ServerCore:
     @contextlib.contextmanager
     def _quiesced(self):
         """Hold the whole center: no commit or pull enters, and those in flight have left every shard."""
-        with self._entry, contextlib.ExitStack() as stack:
+        with self._entry, self._all_shards():
+            yield
+
+    @contextlib.contextmanager
+    def _all_shards(self):
+        """Take every shard's lock (the caller holds the entry lock), once commits in flight have left them."""
+        with contextlib.ExitStack() as stack:
             for lock in self._locks:  # in walk order: a commit in flight holds one and waits for the next
                 stack.enter_context(lock)
             yield
