@@ -22,11 +22,14 @@ from lightning_adag import kernels
 @dataclass(frozen=True)
 class Commit:
     """What the server knows about a commit when it applies it: who sent it, the clock of the center that worker
-    started its window from, and the server's clock now (before applying)."""
+    started its window from, the server's clock now (before applying), and the connection it came on."""
 
     worker: int
     pulled_clock: int
     clock: int
+    #: What the server keeps per-worker state under: the connection, not the rank a worker claims (two runs sharing
+    #: a server both have a worker 0).
+    connection: int | None = None
 
     @property
     def staleness(self) -> int:
@@ -70,9 +73,12 @@ class Algorithm:
         """Fold one commit into ``center`` (the trainable region) in place. Called under the server's lock."""
         raise NotImplementedError
 
-    def server_pulled(self, worker: int, clock: int, center: Tensor) -> None:
-        """``worker`` received ``center`` (the trainable region) at ``clock``; called under the server's lock.
-        Only rules that need the pulled center keep it."""
+    def server_pulled(self, connection: int, clock: int, center: Tensor) -> None:
+        """The worker on ``connection`` received ``center`` (the trainable region) at ``clock``; called under the
+        server's lock. Only rules that need the pulled center keep it."""
+
+    def server_forget(self, connection: int) -> None:
+        """``connection`` closed: drop whatever was kept for it. Called under the server's lock."""
 
     def server_admit(self, commit: Commit) -> None:
         """Raise a ``ValueError`` if ``commit`` cannot be applied, before the server counts it."""
@@ -251,16 +257,20 @@ class ADAG(DOWNPOUR):
 
     def server_apply(self, center: Tensor, delta: Tensor, commit: Commit) -> None:
         if self._pulled is not None:
-            delta = delta * staleness_scale(center, self._pulled.take(commit.worker, commit.pulled_clock), self.gamma)
+            delta = delta * staleness_scale(center, self._pulled.take(commit), self.gamma)
         self._add(center, delta)
 
-    def server_pulled(self, worker: int, clock: int, center: Tensor) -> None:
+    def server_pulled(self, connection: int, clock: int, center: Tensor) -> None:
         if self._pulled is not None:
-            self._pulled.remember(worker, clock, center)
+            self._pulled.remember(connection, clock, center)
+
+    def server_forget(self, connection: int) -> None:
+        if self._pulled is not None:
+            self._pulled.forget(connection)
 
     def server_admit(self, commit: Commit) -> None:
         if self._pulled is not None:
-            self._pulled.check(commit.worker, commit.pulled_clock)
+            self._pulled.check(commit)
 
     @property
     def elementwise(self) -> bool:
@@ -287,28 +297,35 @@ def staleness_scale(center: Tensor, pulled: Tensor, gamma: float) -> Tensor:
 
 
 class PulledCenters:
-    """The centers each worker pulled, by clock, for rules that compare a commit with its worker's pulled center.
+    """The centers each connection pulled, by clock, for rules that compare a commit with its worker's pulled
+    center; a connection's are dropped when it closes.
 
     A worker may pull more than once per window (to show the center for validation) while its commit still names
-    the clock its window started from, so a few centers are kept per worker; a commit consumes its own and every
-    older one.
+    the clock its window started from, so a few centers are kept per connection; a commit consumes its own and
+    every older one.
     """
 
     def __init__(self) -> None:
-        self._by_worker: dict[int, dict[int, Tensor]] = {}
+        self._by_connection: dict[int | None, dict[int, Tensor]] = {}
 
-    def remember(self, worker: int, clock: int, center: Tensor) -> None:
-        self._by_worker.setdefault(worker, {})[clock] = center.clone()
+    def remember(self, connection: int, clock: int, center: Tensor) -> None:
+        self._by_connection.setdefault(connection, {})[clock] = center.clone()
 
-    def check(self, worker: int, clock: int) -> None:
-        if clock not in self._by_worker.get(worker, {}):
-            raise ValueError(f"worker {worker} commits from clock {clock}, but the server never handed it that center")
+    def forget(self, connection: int) -> None:
+        self._by_connection.pop(connection, None)
 
-    def take(self, worker: int, clock: int) -> Tensor:
-        self.check(worker, clock)
-        centers = self._by_worker[worker]
-        pulled = centers[clock]
-        for old in [c for c in centers if c <= clock]:
+    def check(self, commit: Commit) -> None:
+        if commit.pulled_clock not in self._by_connection.get(commit.connection, {}):
+            raise ValueError(
+                f"worker {commit.worker} commits from clock {commit.pulled_clock}, but the server never handed it"
+                " that center"
+            )
+
+    def take(self, commit: Commit) -> Tensor:
+        self.check(commit)
+        centers = self._by_connection[commit.connection]
+        pulled = centers[commit.pulled_clock]
+        for old in [c for c in centers if c <= commit.pulled_clock]:
             del centers[old]
         return pulled
 

@@ -407,3 +407,47 @@ def test_a_commit_that_overflows_the_center_is_refused_and_the_center_stays_fini
             first.commit(before[1], 1)
         first.close()
         assert_unchanged(before, server.center())
+
+
+GAMMA = {"name": "adag", "gamma": 1e-4}
+
+
+def test_two_runs_sharing_a_server_keep_their_pulled_centers_apart():
+    with running_server("tcp", KEY) as process:
+
+        def worker_zero():  # each run has a worker 0
+            return connect("tcp", process.address, 0, LAYOUT, GAMMA, KEY.encode(), timeout=30)
+
+        first, second = worker_zero(), worker_zero()
+        try:
+            first.initialize(0)
+            start = first.pull().clock
+            second.mailbox.zero_()
+            clock = second.commit(second.pull().clock, 1).clock
+            second.commit(clock, 1)  # consumes the centers this connection pulled, never the other's
+            first.mailbox.zero_()
+            assert first.commit(start, 1).staleness == 2
+        finally:
+            first.close()
+            second.close()
+
+
+def test_the_centers_a_worker_pulled_are_freed_when_it_leaves(monkeypatch):
+    big = Layout(numel=2**21, trainable=2**21, dtype=torch.float32, digest="big")  # 8 MiB
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(2**17))  # the server's freed buffers go back to the system
+    with running_server("tcp", KEY) as process:
+        server = psutil.Process(process.pid)
+
+        def visit(rank):
+            client = connect("tcp", process.address, rank, big, GAMMA, KEY.encode(), timeout=30)
+            client.initialize(0)  # the center it pulled back stays on the server while it is connected
+            client.close()
+
+        visit(0)
+        time.sleep(0.2)
+        before = server.memory_info().rss
+        for rank in range(1, 17):
+            visit(rank)
+        time.sleep(0.2)
+        grown = server.memory_info().rss - before
+        assert grown < 32 * 2**20  # 16 kept centers would be 128 MiB

@@ -127,7 +127,13 @@ class AggregatorCore:
             return receipt
 
     def commit(
-        self, worker: int, delta: Tensor, pulled_clock: int, out: Tensor | None = None, values: Tensor | None = None
+        self,
+        worker: int,
+        delta: Tensor,
+        pulled_clock: int,
+        out: Tensor | None = None,
+        values: Tensor | None = None,
+        connection: int | None = None,  # noqa: ARG002 - ServerCore's signature: nothing is kept per connection
     ) -> Receipt:
         """Add ``worker``'s commit to the open round and wait for the center that round brings back (into
         ``out``). A non-finite commit is refused here, before it can spoil a sum that others share."""
@@ -147,7 +153,7 @@ class AggregatorCore:
             self.local.setdefault(worker, WorkerRecord()).add(staleness)
         return Receipt(receipt.clock, staleness)
 
-    def read(self, out: Tensor, worker: int | None = None) -> Receipt:  # noqa: ARG002 - ServerCore's signature
+    def read(self, out: Tensor, connection: int | None = None) -> Receipt:  # noqa: ARG002 - ServerCore's signature
         """Pull the global center into ``out`` with the open round."""
         with self._changed:
             self._require_layout()
@@ -155,6 +161,9 @@ class AggregatorCore:
             current.pulls += 1
             self._changed.notify_all()
         return Receipt(self._collect(current, out).clock)
+
+    def forget(self, connection: int) -> None:
+        """Nothing is kept per connection here (the server above keeps its own per this node's link)."""
 
     def read_state(self, index: int, out: Tensor) -> Receipt:  # noqa: ARG002
         raise ValueError(f"{self.algorithm_spec} keeps no server-side state vector, not #{index}")

@@ -192,10 +192,17 @@ class ServerCore:
             return Receipt(self.clock)
 
     def commit(
-        self, worker: int, delta: Tensor, pulled_clock: int, out: Tensor | None = None, values: Tensor | None = None
+        self,
+        worker: int,
+        delta: Tensor,
+        pulled_clock: int,
+        out: Tensor | None = None,
+        values: Tensor | None = None,
+        connection: int | None = None,
     ) -> Receipt:
         """Apply one commit atomically, then (when ``out`` is given) copy the new center into ``out``: the center
-        ``worker`` now holds.
+        the worker now holds. ``connection`` (by default, ``worker``) is what the algorithm keeps per-worker state
+        under (see :meth:`read`, :meth:`forget`).
 
         ``delta``'s trainable region goes through the algorithm's rule, accumulated in the center's dtype whatever
         dtype the delta came in; ``values`` (by default, the rest of ``delta``: frozen parameters and floating-point
@@ -216,7 +223,7 @@ class ServerCore:
         with self._entry:
             self._require_initialized()
             values = commit_values(self.layout, self.clock, delta, pulled_clock, values)
-            commit = Commit(worker, pulled_clock, self.clock)
+            commit = Commit(worker, pulled_clock, self.clock, worker if connection is None else connection)
             self.algorithm.server_admit(commit)
             gain = self.algorithm.step_gain
             if gain is None or self._bound + gain * largest >= self._headroom:
@@ -228,7 +235,7 @@ class ServerCore:
         def apply(span: slice, final: bool) -> None:
             self._apply(commit, delta, values, span)
             if out is not None:
-                self._hand_out(worker, receipt.clock, out, span, final)
+                self._hand_out(commit.connection, receipt.clock, out, span, final)
 
         self._walk(first, apply)
         return receipt
@@ -257,7 +264,7 @@ class ServerCore:
             receipt = self._count(commit)
             for index, span in enumerate(self._spans):
                 if out is not None:
-                    self._hand_out(commit.worker, receipt.clock, out, span, index == len(self._spans) - 1)
+                    self._hand_out(commit.connection, receipt.clock, out, span, index == len(self._spans) - 1)
             return receipt
 
     def _apply(self, commit: Commit, delta: Tensor, values: Tensor, span: slice) -> None:
@@ -276,14 +283,21 @@ class ServerCore:
         self.workers.setdefault(commit.worker, WorkerRecord()).add(commit.staleness)
         return Receipt(self.clock, commit.staleness)
 
-    def read(self, out: Tensor, worker: int | None = None) -> Receipt:
-        """Copy a consistent snapshot of the center into ``out`` (the center ``worker``, if named, now holds)."""
+    def read(self, out: Tensor, connection: int | None = None) -> Receipt:
+        """Copy a consistent snapshot of the center into ``out`` (the center the worker on ``connection``, if
+        named, now holds)."""
         with self._entry:
             self._require_initialized()
             receipt = Receipt(self.clock)
             first = self._enter()
-        self._walk(first, lambda span, final: self._hand_out(worker, receipt.clock, out, span, final))
+        self._walk(first, lambda span, final: self._hand_out(connection, receipt.clock, out, span, final))
         return receipt
+
+    def forget(self, connection: int) -> None:
+        """``connection`` closed: free what the algorithm kept for it (the centers it pulled)."""
+        with self._quiesced():
+            if self.algorithm is not None:
+                self.algorithm.server_forget(connection)
 
     def snapshot(self) -> dict | None:
         """Everything needed to restart from here (see :meth:`restore`), or None before initialization."""
@@ -339,12 +353,12 @@ class ServerCore:
                 "workers": {str(rank): record.to_json() for rank, record in sorted(self.workers.items())},
             }
 
-    def _hand_out(self, worker: int | None, clock: int, out: Tensor, span: slice, final: bool) -> None:
-        """Copy one shard of the center into ``out``; after the final one, tell the algorithm what ``worker`` got
-        (only single-shard algorithms look, so their center is whole then)."""
+    def _hand_out(self, connection: int | None, clock: int, out: Tensor, span: slice, final: bool) -> None:
+        """Copy one shard of the center into ``out``; after the final one, tell the algorithm what the worker on
+        ``connection`` got (only single-shard algorithms look, so their center is whole then)."""
         out[span].copy_(self.center[span])
-        if final and worker is not None:
-            self.algorithm.server_pulled(worker, clock, self.center[: self.layout.trainable])
+        if final and connection is not None:
+            self.algorithm.server_pulled(connection, clock, self.center[: self.layout.trainable])
 
     def _enter(self) -> threading.Lock:
         """Take the first shard's lock (the caller holds the entry lock, so the pipeline's order is kept)."""

@@ -8,6 +8,7 @@ of a commit changes nothing. A connection that sends anything malformed gets an 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import selectors
@@ -80,6 +81,7 @@ class Service:
         self._max_handshakes = max_handshakes
         self._handshakes: dict[socket.socket, Handshake] = {}  # under _guard
         self._refusals = RefusalLog(log)
+        self._connection_ids = itertools.count()
 
     def listen(self, listener: Listener) -> None:
         listener.socket.listen(256)
@@ -164,7 +166,7 @@ class Service:
                 _shut(conn)
 
     def _serve_worker(self, handshake: Handshake, peer, listener: Listener) -> None:
-        conn = handshake.conn
+        conn, connection = handshake.conn, next(self._connection_ids)
         with self._guard:
             self._connections.add(conn)
         channel = None
@@ -194,7 +196,7 @@ class Service:
             header = wire.read_header(conn, max_payload)
             channel.attached()
             while True:
-                self._answer(conn, rank, header, channel)
+                self._answer(conn, rank, connection, header, channel)
                 header = wire.read_header(conn, max_payload)
         except EOFError:
             if handshake.evicted:
@@ -214,12 +216,13 @@ class Service:
         finally:
             if channel is not None:
                 channel.close()
+                self.core.forget(connection)
                 log.info("%s left", who)
             with self._guard:
                 self._connections.discard(conn)
             conn.close()
 
-    def _answer(self, conn: socket.socket, rank: int, header: wire.Header, channel: Channel) -> None:
+    def _answer(self, conn: socket.socket, rank: int, connection: int, header: wire.Header, channel: Channel) -> None:
         kind, buffer = header.kind, channel.buffer
         trainable = buffer[: self.core.layout.trainable]
         if kind is wire.Kind.COMMIT:
@@ -229,12 +232,12 @@ class Service:
             if header.steps < 1:
                 raise ValueError(f"a commit must cover at least one step, got {header.steps}")
             delta, values = payload.views(sent)
-            receipt = self.core.commit(rank, delta, header.pulled_clock, out=buffer, values=values)
+            receipt = self.core.commit(rank, delta, header.pulled_clock, buffer, values, connection)
             channel.reply(conn, wire.Kind.CENTER, buffer, clock=receipt.clock, staleness=receipt.staleness)
         elif kind is wire.Kind.INIT:
             channel.receive(conn, header, buffer)
             self.core.initialize(buffer, header.clock)
-            channel.reply(conn, wire.Kind.CENTER, buffer, clock=self.core.read(buffer, rank).clock)
+            channel.reply(conn, wire.Kind.CENTER, buffer, clock=self.core.read(buffer, connection).clock)
         elif kind is wire.Kind.PUT_STATE:
             channel.receive(conn, header, trainable)
             taken = self.core.load_state(header.index, trainable)
@@ -253,7 +256,7 @@ class Service:
                 raise wire.ProtocolError(f"{kind.name} carries no payload, this one announces {header.length} bytes")
             wire.read_payload(conn, header)  # checks that no tensor is announced either
             if kind is wire.Kind.PULL:
-                channel.reply(conn, wire.Kind.CENTER, buffer, clock=self.core.read(buffer, rank).clock)
+                channel.reply(conn, wire.Kind.CENTER, buffer, clock=self.core.read(buffer, connection).clock)
             elif kind is wire.Kind.GET_STATE:
                 state_clock = self.core.read_state(header.index, trainable).clock
                 channel.reply(conn, wire.Kind.STATE, trainable, clock=state_clock)
