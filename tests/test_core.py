@@ -347,3 +347,22 @@ def test_a_commit_that_overflows_the_center_is_refused_as_such(spec, initial, de
         for _ in range(3):  # momentum overflows on the second commit
             core.commit(3, torch.full((2,), delta), core.clock)
     assert bool(torch.isfinite(core.center).all())
+
+
+def test_the_first_worker_to_initialize_fixes_the_layout_not_the_first_to_say_hello():
+    idle, active = Layout(3, 3, torch.float64, "idle"), Layout(6, 4, torch.float64, "active")
+    spec = {"name": "adag", "outer_momentum": 0.5}
+    core = ServerCore()
+    assert not core.configure(idle, spec)  # proposes its layout, never initializes
+    assert not core.configure(active, spec)  # may still join
+    assert core.load_state(0, torch.full((4,), 2.0, dtype=torch.float64), active, spec)  # from its checkpoint
+    core.initialize(torch.ones(6, dtype=torch.float64), 0, active, spec)
+    assert core.layout == active and torch.equal(core.center, torch.ones(6, dtype=torch.float64))
+    momentum = torch.empty(4, dtype=torch.float64)
+    core.read_state(0, momentum)
+    assert momentum.tolist() == [2.0] * 4
+    assert core.configure(active, spec)
+    with pytest.raises(LayoutMismatchError, match="model layout mismatch"):
+        core.configure(idle, spec)
+    with pytest.raises(LayoutMismatchError, match="model layout mismatch"):
+        core.initialize(torch.ones(3, dtype=torch.float64), 0, idle, spec)

@@ -451,3 +451,24 @@ def test_the_centers_a_worker_pulled_are_freed_when_it_leaves(monkeypatch):
         time.sleep(0.2)
         grown = server.memory_info().rss - before
         assert grown < 32 * 2**20  # 16 kept centers would be 128 MiB
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_a_worker_that_never_initializes_does_not_pin_an_empty_servers_model(transport):
+    other = Layout(numel=12, trainable=12, dtype=torch.float32, digest="other")
+    with running_server(transport, KEY) as process:
+        server = Server(transport, process)
+        idle = server.connect(rank=0, layout=other)  # says hello with its model, then never initializes
+        try:
+            first = server.connect(rank=0)
+            first.mailbox.fill_(1.0)
+            assert first.initialize(0).clock == 0  # the first to initialize fixes the model: LAYOUT
+            first.mailbox.fill_(0.5)
+            assert first.commit(0, 1).clock == 1
+            first.close()
+            with pytest.raises(wire.ServerRefusedError, match="model layout mismatch"):
+                idle.initialize(0)
+            with pytest.raises(wire.ServerRefusedError, match="model layout mismatch"):
+                server.connect(rank=1, layout=other)
+        finally:
+            idle.close()

@@ -101,25 +101,32 @@ class AggregatorCore:
         self.local: dict[int, WorkerRecord] = {}
 
     # ------------------------------------------------------------------------------- what Service asks for
-    def configure(self, layout: Layout, algorithm_spec: dict) -> None:
+    def configure(self, layout: Layout, algorithm_spec: dict) -> bool:
+        """The first local worker's layout and algorithm open the link upstream and are fixed from then on (True:
+        the worker agrees with them)."""
         with self._changed:
             if self.layout is not None:
                 check_agreement(self.layout, self.algorithm_spec, layout, algorithm_spec)
-                return
+                return True
             check_summable(algorithm_spec)
             try:
                 link = connect("tcp", self.upstream, self.rank, layout, algorithm_spec, self._key, self._timeout)
-            except (wire.ServerGoneError, wire.ServerRefusedError, wire.ProtocolError) as err:
+            except (wire.ServerGoneError, wire.ServerBusyError, wire.ServerRefusedError, wire.ProtocolError) as err:
                 raise UpstreamError(f"the node's aggregator cannot join the server at {self.upstream}: {err}") from err
             self._link, self.layout, self.algorithm_spec = link, layout, dict(algorithm_spec)
             self._sum = torch.zeros(layout.trainable, dtype=layout.dtype)
             self._values = torch.zeros(layout.numel - layout.trainable, dtype=layout.dtype)
             threading.Thread(target=self._send_rounds, name="adag-upstream", daemon=True).start()
+            return True
 
-    def initialize(self, values: Tensor, clock: int) -> Receipt:
+    def initialize(
+        self, values: Tensor, clock: int, layout: Layout | None = None, algorithm_spec: dict | None = None
+    ) -> Receipt:
         """Offer ``values`` upstream as the initial center (the server keeps its own if it holds one)."""
         with self._changed:
             self._require_layout()
+            if layout is not None:
+                check_agreement(self.layout, self.algorithm_spec, layout, algorithm_spec)
             while self._sending:  # the link's mailbox is the round's until its requests have copied the reply
                 self._changed.wait()
             receipt = self._upstream(lambda link: self._offer(link, values, clock))
@@ -168,7 +175,7 @@ class AggregatorCore:
     def read_state(self, index: int, out: Tensor) -> Receipt:  # noqa: ARG002
         raise ValueError(f"{self.algorithm_spec} keeps no server-side state vector, not #{index}")
 
-    def load_state(self, index: int, values: Tensor) -> bool:  # noqa: ARG002
+    def load_state(self, index: int, values: Tensor, layout=None, algorithm_spec=None) -> bool:  # noqa: ARG002
         raise ValueError(f"{self.algorithm_spec} keeps no server-side state vector, not #{index}")
 
     def take(self, run: str, epoch: int, worker: int, plan: EpochPlan) -> tuple[int, int]:

@@ -138,8 +138,8 @@ class ServerCore:
     algorithm whose server half is not elementwise and stateless (see ``Algorithm.elementwise``) gets a single
     shard: one lock, as before.
 
-    The first worker fixes the layout and the algorithm; later ones must agree. ``allocate(numel, dtype)``
-    supplies the center's storage.
+    The first worker to initialize the center fixes the layout and the algorithm; later ones must agree.
+    ``allocate(numel, dtype)`` supplies the center's storage.
     """
 
     def __init__(
@@ -162,25 +162,52 @@ class ServerCore:
         self._bound = 0.0
         self._headroom = 0.0
 
-    def configure(self, layout: Layout, algorithm_spec: dict) -> None:
-        """Accept a worker's layout and algorithm: the first one defines them, later ones must agree."""
+    def configure(self, layout: Layout, algorithm_spec: dict) -> bool:
+        """Accept a worker's layout and algorithm. Once the center is initialized they are fixed and the worker's
+        must agree (True); before, any worker may join (False): the first proposes them, and the first to
+        initialize the center (or load state into it) fixes its own (see :meth:`initialize`). So a worker that
+        says hello and never initializes cannot keep a server empty for everyone else."""
         with self._entry:
-            if self.layout is None:
-                algorithm = server_rule(algorithm_spec)
-                self.center = self._allocate(layout.numel, layout.dtype)
-                self.layout, self.algorithm, self.algorithm_spec = layout, algorithm, dict(algorithm_spec)
-                shard = max(1, self._shard_bytes // layout.dtype.itemsize) if algorithm.elementwise else layout.numel
-                starts = range(0, layout.numel, shard)
-                self._spans = [slice(a, min(a + shard, layout.numel)) for a in reversed(starts)]  # see _walk
-                self._locks = [threading.Lock() for _ in self._spans]
-                return
+            if not self.initialized:
+                if self.layout is None:
+                    self._adopt(layout, algorithm_spec)
+                else:
+                    server_rule(algorithm_spec)  # a spec it cannot run is refused now, not at initialization
+                return False
             check_agreement(self.layout, self.algorithm_spec, layout, algorithm_spec)
+            return True
 
-    def initialize(self, values: Tensor, clock: int) -> Receipt:
-        """Set the center to ``values`` at ``clock`` unless it already holds one; either way, return its clock."""
+    def _adopt(self, layout: Layout, algorithm_spec: dict) -> None:
+        """Take ``layout`` and the algorithm for the center to come (the caller holds the entry lock, and every
+        shard's if there are any; nothing is initialized)."""
+        algorithm = server_rule(algorithm_spec)
+        self.center = self._allocate(layout.numel, layout.dtype)
+        self.layout, self.algorithm, self.algorithm_spec = layout, algorithm, dict(algorithm_spec)
+        shard = max(1, self._shard_bytes // layout.dtype.itemsize) if algorithm.elementwise else layout.numel
+        starts = range(0, layout.numel, shard)
+        self._spans = [slice(a, min(a + shard, layout.numel)) for a in reversed(starts)]  # see _walk
+        self._locks = [threading.Lock() for _ in self._spans]
+
+    def _settle(self, layout: Layout | None, algorithm_spec: dict | None) -> None:
+        """Before a worker's initialization or state is taken: once initialized, its layout must agree; before, the
+        center takes its layout if another worker's was proposed (called with the center quiesced)."""
+        if layout is None:
+            return
+        if self.initialized:
+            check_agreement(self.layout, self.algorithm_spec, layout, algorithm_spec)
+        elif (layout, algorithm_spec) != (self.layout, self.algorithm_spec):
+            self._adopt(layout, algorithm_spec)
+
+    def initialize(
+        self, values: Tensor, clock: int, layout: Layout | None = None, algorithm_spec: dict | None = None
+    ) -> Receipt:
+        """Set the center to ``values`` at ``clock`` unless it already holds one; either way, return its clock.
+        ``layout`` and ``algorithm_spec``, the initializing worker's, are fixed from then on (by default, those
+        :meth:`configure` took)."""
         if not 0 <= clock < MAX_CLOCK:
             raise ValueError(f"clock must be in [0, 2**62), got {clock}: is the checkpoint or snapshot damaged?")
         with self._quiesced():
+            self._settle(layout, algorithm_spec)
             self._require_layout()
             if not self.initialized:
                 require_finite(values, "the initial center", RESTORED)
@@ -333,10 +360,14 @@ class ServerCore:
                 out.copy_(state)
             return Receipt(self.clock)
 
-    def load_state(self, index: int, values: Tensor) -> bool:
+    def load_state(
+        self, index: int, values: Tensor, layout: Layout | None = None, algorithm_spec: dict | None = None
+    ) -> bool:
         """Restore the algorithm's server-side vector number ``index`` from a checkpoint, before the center is
-        initialized; ignored (returns False) once a center is held, exactly like :meth:`initialize`'s values."""
+        initialized; ignored (returns False) once a center is held, exactly like :meth:`initialize`'s values
+        (``layout`` and ``algorithm_spec`` as there)."""
         with self._quiesced():
+            self._settle(layout, algorithm_spec)
             self._require_layout()
             if self.initialized:
                 return False

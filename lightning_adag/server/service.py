@@ -59,6 +59,18 @@ class Handshake:
     evicted: bool = False
 
 
+@dataclass(eq=False)
+class JoinedWorker:
+    """A joined worker's connection: who it says it is, its number (what per-worker state is kept under), its
+    model and algorithm, and whether the server's center is known to agree with them."""
+
+    rank: int
+    connection: int
+    layout: Layout
+    algorithm: dict
+    agreed: bool
+
+
 class Service:
     """Serves one :class:`ServerCore` through any number of transport listeners (see
     :mod:`lightning_adag.transports`); each connection gets its transport's channel. A node's aggregator serves
@@ -166,7 +178,7 @@ class Service:
                 _shut(conn)
 
     def _serve_worker(self, handshake: Handshake, peer, listener: Listener) -> None:
-        conn, connection = handshake.conn, next(self._connection_ids)
+        conn, worker = handshake.conn, None
         with self._guard:
             self._connections.add(conn)
         channel = None
@@ -182,10 +194,12 @@ class Service:
                 if hello.kind is not wire.Kind.HELLO:
                     raise wire.ProtocolError(f"expected HELLO after authentication, got {hello.kind.name}")
                 request = hello.json()
-                rank, layout = int(request["rank"]), Layout.from_json(request["layout"])
+                rank, algorithm = int(request["rank"]), dict(request["algorithm"])
+                layout = Layout.from_json(request["layout"])
                 who = f"worker {rank} ({peer or 'shared memory'})"
-                self.core.configure(layout, dict(request["algorithm"]))
+                agreed = self.core.configure(layout, algorithm)
                 channel = listener.channel(conn, layout)
+                worker = JoinedWorker(rank, next(self._connection_ids), layout, algorithm, agreed)
             finally:
                 watchdog.cancel()
                 self._end_handshake(handshake)
@@ -196,7 +210,7 @@ class Service:
             header = wire.read_header(conn, max_payload)
             channel.attached()
             while True:
-                self._answer(conn, rank, connection, header, channel)
+                self._answer(conn, worker, header, channel)
                 header = wire.read_header(conn, max_payload)
         except EOFError:
             if handshake.evicted:
@@ -216,31 +230,36 @@ class Service:
         finally:
             if channel is not None:
                 channel.close()
-                self.core.forget(connection)
+            if worker is not None:
+                self.core.forget(worker.connection)
                 log.info("%s left", who)
             with self._guard:
                 self._connections.discard(conn)
             conn.close()
 
-    def _answer(self, conn: socket.socket, rank: int, connection: int, header: wire.Header, channel: Channel) -> None:
-        kind, buffer = header.kind, channel.buffer
-        trainable = buffer[: self.core.layout.trainable]
+    def _answer(self, conn: socket.socket, worker: JoinedWorker, header: wire.Header, channel: Channel) -> None:
+        kind, buffer, connection = header.kind, channel.buffer, worker.connection
+        trainable = buffer[: worker.layout.trainable]
+        if kind in (wire.Kind.COMMIT, wire.Kind.PULL, wire.Kind.GET_STATE) and not worker.agreed:
+            # it joined an empty server, which another worker's model may have filled since
+            worker.agreed = self.core.configure(worker.layout, worker.algorithm)
         if kind is wire.Kind.COMMIT:
-            payload = CommitPayload(self.core.layout, wire.dtype_of(header))
+            payload = CommitPayload(worker.layout, wire.dtype_of(header))
             sent = buffer.view(torch.uint8)[: payload.nbytes]
             channel.receive(conn, header, sent, payload.dtype)
             if header.steps < 1:
                 raise ValueError(f"a commit must cover at least one step, got {header.steps}")
             delta, values = payload.views(sent)
-            receipt = self.core.commit(rank, delta, header.pulled_clock, buffer, values, connection)
+            receipt = self.core.commit(worker.rank, delta, header.pulled_clock, buffer, values, connection)
             channel.reply(conn, wire.Kind.CENTER, buffer, clock=receipt.clock, staleness=receipt.staleness)
         elif kind is wire.Kind.INIT:
             channel.receive(conn, header, buffer)
-            self.core.initialize(buffer, header.clock)
+            self.core.initialize(buffer, header.clock, worker.layout, worker.algorithm)
+            worker.agreed = True
             channel.reply(conn, wire.Kind.CENTER, buffer, clock=self.core.read(buffer, connection).clock)
         elif kind is wire.Kind.PUT_STATE:
             channel.receive(conn, header, trainable)
-            taken = self.core.load_state(header.index, trainable)
+            taken = self.core.load_state(header.index, trainable, worker.layout, worker.algorithm)
             channel.reply(conn, wire.Kind.STATE, trainable, clock=self.core.clock, taken=int(taken))
         elif kind is wire.Kind.TAKE:
             if header.length > wire.MAX_CONTROL_PAYLOAD:
