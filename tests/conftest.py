@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from lightning_adag.server.launch import ServerProcess
+from lightning_adag.transports.tcp import split_address
 
 SCRIPTS = Path(__file__).parent / "scripts"
 SHM = Path("/dev/shm")
@@ -51,6 +52,16 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def raw_socket(transport: str, address: str, timeout: float = 10) -> socket.socket:
+    """A plain socket connected to a server at ``address``, to speak (or not speak) frames by hand."""
+    if transport == "tcp":
+        return socket.create_connection(split_address(address), timeout=timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(address)  # blocking: waits while the listening socket's queue is full
+    sock.settimeout(timeout)
+    return sock
 
 
 @contextlib.contextmanager

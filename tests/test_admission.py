@@ -4,14 +4,13 @@ sockets cannot keep honest workers out, and refusals cannot flood the log. Real 
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import running_server
+from conftest import raw_socket, running_server
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,20 +18,10 @@ from lightning_adag import auth, wire
 from lightning_adag.flat import Layout
 from lightning_adag.server.refusals import RefusalLog
 from lightning_adag.transports import connect
-from lightning_adag.transports.tcp import split_address
 
 LAYOUT = Layout(numel=10, trainable=8, dtype=torch.float32, digest="admission")
 ADAG = {"name": "adag"}
 KEY = "admission-test-key"
-
-
-def raw_socket(transport: str, address: str) -> socket.socket:
-    if transport == "tcp":
-        return socket.create_connection(split_address(address), timeout=10)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(address)  # blocking: waits while the listening socket's queue is full
-    sock.settimeout(10)
-    return sock
 
 
 def join(transport: str, address: str, rank: int, timeout: float = 60):

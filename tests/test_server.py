@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import adag_leftovers, running_server
+from conftest import adag_leftovers, raw_socket, running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +22,6 @@ from lightning_adag.flat import Layout
 from lightning_adag.payload import CommitPayload
 from lightning_adag.server.launch import ServerProcess
 from lightning_adag.transports import connect
-from lightning_adag.transports.tcp import split_address
 
 LAYOUT = Layout(numel=10, trainable=8, dtype=torch.float32, digest="test")
 ADAG = {"name": "adag"}
@@ -47,12 +46,7 @@ class Server:
         return connect(self.transport, self.address, rank, layout, ADAG, key.encode(), timeout=30)
 
     def raw_socket(self) -> socket.socket:
-        if self.transport == "tcp":
-            return socket.create_connection(split_address(self.address), timeout=10)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(10)
-        sock.connect(self.address)
-        return sock
+        return raw_socket(self.transport, self.address)
 
     def center(self) -> tuple[torch.Tensor, int]:
         client = self.connect(rank=99)
@@ -115,6 +109,17 @@ def test_a_compressed_commit_is_accumulated_in_the_center_dtype(server):
     client.close()
 
 
+def _authenticated_peer(server, rank=7):
+    """A raw socket that has authenticated and said hello with LAYOUT, to speak frames by hand."""
+    sock = server.raw_socket()
+    auth.answer(sock, KEY.encode())
+    wire.send(
+        sock, wire.Kind.HELLO, payload=wire.json_payload({"rank": rank, "layout": LAYOUT.to_json(), "algorithm": ADAG})
+    )
+    assert wire.recv(sock).kind is wire.Kind.WELCOME
+    return sock
+
+
 @pytest.mark.parametrize(
     ("code", "length", "error"),
     [(0, 0, "unknown dtype code 0"), (9, 0, "unknown dtype code 9"), (2, 0, "narrower"), (4, 3, "bytes")],
@@ -122,12 +127,8 @@ def test_a_compressed_commit_is_accumulated_in_the_center_dtype(server):
 )
 def test_a_commit_that_announces_a_wrong_payload_is_refused(server, code, length, error):
     before = server.center()
-    sock = server.raw_socket()
+    sock = _authenticated_peer(server)
     try:
-        auth.answer(sock, KEY.encode())
-        hello = {"rank": 7, "layout": LAYOUT.to_json(), "algorithm": ADAG}
-        wire.send(sock, wire.Kind.HELLO, payload=wire.json_payload(hello))
-        assert wire.recv(sock).kind is wire.Kind.WELCOME
         if server.transport == "shm" and length:
             pytest.skip("a shared-memory commit carries no bytes")
         sock.sendall(
@@ -361,17 +362,6 @@ def test_a_full_shared_memory_gives_a_clear_error_not_a_crash(tiny_tmpfs):
     with pytest.raises(SharedMemoryFullError, match="--shm-size"):
         create_segment(tiny_tmpfs / "mailbox", 4 * 2**20, torch.float32)
     assert not list(tiny_tmpfs.iterdir())
-
-
-def _authenticated_peer(server, rank=7):
-    """A raw socket that has authenticated and said hello with LAYOUT, to speak frames by hand."""
-    sock = server.raw_socket()
-    auth.answer(sock, KEY.encode())
-    wire.send(
-        sock, wire.Kind.HELLO, payload=wire.json_payload({"rank": rank, "layout": LAYOUT.to_json(), "algorithm": ADAG})
-    )
-    assert wire.recv(sock).kind is wire.Kind.WELCOME
-    return sock
 
 
 @pytest.mark.parametrize(
