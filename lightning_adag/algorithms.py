@@ -83,12 +83,12 @@ class Algorithm:
     def server_admit(self, commit: Commit) -> None:
         """Raise a ``ValueError`` if ``commit`` cannot be applied, before the server counts it."""
 
-    @property
-    def step_gain(self) -> float | None:
-        """How far one commit can move any element of the center, at most, as a multiple of the delta's largest
-        magnitude; None when state the rule keeps can move it further (an outer momentum). The server checks a
-        commit for overflow only when this bound cannot rule it out."""
-        return 1.0
+    def step_bound(self, largest: float) -> float:
+        """An upper bound on how far the next commit, whose delta's largest magnitude is ``largest``, moves any
+        element of the center, and on any element of the rule's state after it. Called once per commit in the
+        order they are applied (under the server's entry lock), so a rule may account the commit in a bound it
+        keeps of its own state. The server checks a commit for overflow only when this bound cannot rule it out."""
+        return largest
 
     @property
     def elementwise(self) -> bool:
@@ -147,6 +147,18 @@ class NesterovOuter:
             raise ValueError(f"outer_lr must be a positive, finite number, got {lr!r}")
         self.momentum, self.lr = float(momentum), float(lr)
         self.buffer: Tensor | None = None
+        self._buffer_bound = 0.0  # an upper bound on |m|
+
+    def step_bound(self, largest: float) -> float:
+        """``|m'| ≤ μ |m| + |Δ|`` and ``|η (Δ + μ m')| ≤ η (|Δ| + μ |m'|)``, elementwise."""
+        if not self.momentum:
+            return self.lr * largest
+        self._buffer_bound = self.momentum * self._buffer_bound + largest
+        return max(self.lr * (largest + self.momentum * self._buffer_bound), self._buffer_bound)
+
+    def load(self, values: Tensor) -> None:
+        self.buffer = values.clone()
+        self._buffer_bound = float(values.abs().max()) if values.numel() else 0.0
 
     def apply(self, center: Tensor, delta: Tensor) -> None:
         if not self.momentum:  # C ← C + η Δ: elementwise and stateless, so the server applies it shard by shard
@@ -191,11 +203,8 @@ class DOWNPOUR(Algorithm):
     def state_names(self) -> tuple[str, ...]:
         return ("outer_momentum",) if self._outer.momentum > 0.0 else ()
 
-    @property
-    def step_gain(self) -> float | None:
-        if self._outer.momentum > 0.0:
-            return None
-        return self._outer.lr if self._outer_on else 1.0
+    def step_bound(self, largest: float) -> float:
+        return self._outer.step_bound(largest) if self._outer_on else largest
 
     def server_state(self) -> dict[str, Tensor]:
         if not self.state_names or self._outer.buffer is None:
@@ -205,7 +214,7 @@ class DOWNPOUR(Algorithm):
     def load_server_state(self, name: str, values: Tensor) -> None:
         if name not in self.state_names:
             super().load_server_state(name, values)
-        self._outer.buffer = values.clone()
+        self._outer.load(values)
 
     @property
     def unsummable(self) -> str | None:

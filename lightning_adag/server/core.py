@@ -238,7 +238,7 @@ class ServerCore:
         A commit holding NaN or an infinity is refused whole (``ValueError``) before it takes a clock: one diverged
         worker must not poison the center every other worker pulls. The check runs outside the locks. So is a finite
         commit that would make the center overflow: while the algorithm bounds how far a commit moves the center
-        (``Algorithm.step_gain``) and that bound keeps the center far from its dtype's largest value, commits are
+        (``Algorithm.step_bound``) and that bound keeps the center far from its dtype's largest value, commits are
         pipelined unchecked; otherwise the commit is applied with the whole center held, checked, and rolled back
         if any element became infinite.
         """
@@ -252,10 +252,10 @@ class ServerCore:
             values = commit_values(self.layout, self.clock, delta, pulled_clock, values)
             commit = Commit(worker, pulled_clock, self.clock, worker if connection is None else connection)
             self.algorithm.server_admit(commit)
-            gain = self.algorithm.step_gain
-            if gain is None or self._bound + gain * largest >= self._headroom:
+            step = self.algorithm.step_bound(largest)
+            if not self._bound + step < self._headroom:
                 return self._commit_checked(commit, delta, values, out)
-            self._bound += gain * largest
+            self._bound += step
             receipt = self._count(commit)
             first = self._enter()
 
