@@ -6,10 +6,12 @@ import importlib
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_adag
 from lightning_adag import ADAG, ADAGStrategy
+from lightning_adag.flat import check_shareable
 
 
 def test_import_registers_adag_idempotently():
@@ -46,7 +48,12 @@ def test_explicit_settings():
         ({"server_port": 70000}, "server_port must be in"),
         ({"transport": "ucx"}, "transport must be one of"),
         ({"start_method": "thread"}, "start_method must be one of"),
-        ({"server_timeout": 0}, "server_timeout must be positive"),
+        ({"server_timeout": 0}, "server_timeout must be a positive, finite"),
+        ({"server_timeout": float("nan")}, "server_timeout must be a positive, finite"),
+        ({"server_timeout": float("inf")}, "server_timeout must be a positive, finite"),
+        ({"server_timeout": "60"}, "server_timeout must be a positive, finite"),
+        ({"error_feedback": "no"}, "error_feedback must be True or False"),
+        ({"overlap": "no"}, "overlap must be True or False"),
     ],
 )
 def test_invalid_settings_fail_at_construction(kwargs, match):
@@ -75,3 +82,21 @@ def test_a_model_without_trainable_parameters_fails_before_any_worker_starts(scr
     assert code != 0
     assert "has no trainable parameters" in output
     assert "MEMBER: 2/2" not in output  # no second worker ever joined
+
+
+def test_a_complex_model_fails_before_any_worker_starts():
+    with pytest.raises(ValueError, match="complex64.*real pairs"):
+        check_shareable(torch.nn.Linear(2, 2).to(torch.complex64))
+
+
+@pytest.mark.parametrize("key", ["k", "a" * 15])
+def test_a_short_shared_key_is_pointed_out_at_construction(monkeypatch, key):
+    monkeypatch.setenv("ADAG_AUTH_KEY", key)
+    with pytest.warns(UserWarning, match=f"ADAG_AUTH_KEY is {len(key)} character.*token_hex"):
+        ADAGStrategy(server="host:29600")
+
+
+def test_a_long_shared_key_passes_silently(monkeypatch, recwarn):
+    monkeypatch.setenv("ADAG_AUTH_KEY", "a" * 16)
+    ADAGStrategy(server="host:29600")
+    assert not [w for w in recwarn if "ADAG_AUTH_KEY" in str(w.message)]
