@@ -129,7 +129,7 @@ class ServerProcess:
                     code,
                     self.address,
                 )
-                TRANSPORTS[self._transport].listener.clean_up(self._where)
+                TRANSPORTS[self._transport].listener.clean_up(self._where, self.pid)
                 replacement = self._relaunch(where=self.address)  # the address bound, should port 0 have been asked
             try:
                 replacement.wait_ready()
