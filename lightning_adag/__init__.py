@@ -10,7 +10,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_adag.algorithms import ADAG, AEASGD, DOWNPOUR, Algorithm, DynSGD
 from lightning_adag.callback import ADAGCallback
 from lightning_adag.strategy import ADAGStrategy
-from lightning_adag.wire import ServerGoneError, ServerRefusedError
+from lightning_adag.wire import ServerBusyError, ServerGoneError, ServerRefusedError
 
 __version__ = "0.1.0.dev0"
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "ADAGStrategy",
     "Algorithm",
     "DynSGD",
+    "ServerBusyError",
     "ServerGoneError",
     "ServerRefusedError",
 ]

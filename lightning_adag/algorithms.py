@@ -9,6 +9,7 @@ algorithm runs. The formulas are those of ``PAPER.md``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,11 +22,14 @@ from lightning_adag import kernels
 @dataclass(frozen=True)
 class Commit:
     """What the server knows about a commit when it applies it: who sent it, the clock of the center that worker
-    started its window from, and the server's clock now (before applying)."""
+    started its window from, the server's clock now (before applying), and the connection it came on."""
 
     worker: int
     pulled_clock: int
     clock: int
+    #: What the server keeps per-worker state under: the connection, not the rank a worker claims (two runs sharing
+    #: a server both have a worker 0).
+    connection: int | None = None
 
     @property
     def staleness(self) -> int:
@@ -69,12 +73,22 @@ class Algorithm:
         """Fold one commit into ``center`` (the trainable region) in place. Called under the server's lock."""
         raise NotImplementedError
 
-    def server_pulled(self, worker: int, clock: int, center: Tensor) -> None:
-        """``worker`` received ``center`` (the trainable region) at ``clock``; called under the server's lock.
-        Only rules that need the pulled center keep it."""
+    def server_pulled(self, connection: int, clock: int, center: Tensor) -> None:
+        """The worker on ``connection`` received ``center`` (the trainable region) at ``clock``; called under the
+        server's lock. Only rules that need the pulled center keep it."""
+
+    def server_forget(self, connection: int) -> None:
+        """``connection`` closed: drop whatever was kept for it. Called under the server's lock."""
 
     def server_admit(self, commit: Commit) -> None:
         """Raise a ``ValueError`` if ``commit`` cannot be applied, before the server counts it."""
+
+    def step_bound(self, largest: float) -> float:
+        """An upper bound on how far the next commit, whose delta's largest magnitude is ``largest``, moves any
+        element of the center, and on any element of the rule's state after it. Called once per commit in the
+        order they are applied (under the server's entry lock), so a rule may account the commit in a bound it
+        keeps of its own state. The server checks a commit for overflow only when this bound cannot rule it out."""
+        return largest
 
     @property
     def elementwise(self) -> bool:
@@ -129,10 +143,22 @@ class NesterovOuter:
     def __init__(self, momentum: float, lr: float) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"outer_momentum must be in [0, 1), got {momentum!r}")
-        if not lr > 0.0:
-            raise ValueError(f"outer_lr must be positive, got {lr!r}")
+        if not 0.0 < lr < math.inf:
+            raise ValueError(f"outer_lr must be a positive, finite number, got {lr!r}")
         self.momentum, self.lr = float(momentum), float(lr)
         self.buffer: Tensor | None = None
+        self._buffer_bound = 0.0  # an upper bound on |m|
+
+    def step_bound(self, largest: float) -> float:
+        """``|m'| ≤ μ |m| + |Δ|`` and ``|η (Δ + μ m')| ≤ η (|Δ| + μ |m'|)``, elementwise."""
+        if not self.momentum:
+            return self.lr * largest
+        self._buffer_bound = self.momentum * self._buffer_bound + largest
+        return max(self.lr * (largest + self.momentum * self._buffer_bound), self._buffer_bound)
+
+    def load(self, values: Tensor) -> None:
+        self.buffer = values.clone()
+        self._buffer_bound = float(values.abs().max()) if values.numel() else 0.0
 
     def apply(self, center: Tensor, delta: Tensor) -> None:
         if not self.momentum:  # C ← C + η Δ: elementwise and stateless, so the server applies it shard by shard
@@ -177,6 +203,9 @@ class DOWNPOUR(Algorithm):
     def state_names(self) -> tuple[str, ...]:
         return ("outer_momentum",) if self._outer.momentum > 0.0 else ()
 
+    def step_bound(self, largest: float) -> float:
+        return self._outer.step_bound(largest) if self._outer_on else largest
+
     def server_state(self) -> dict[str, Tensor]:
         if not self.state_names or self._outer.buffer is None:
             return {}
@@ -185,7 +214,7 @@ class DOWNPOUR(Algorithm):
     def load_server_state(self, name: str, values: Tensor) -> None:
         if name not in self.state_names:
             super().load_server_state(name, values)
-        self._outer.buffer = values.clone()
+        self._outer.load(values)
 
     @property
     def unsummable(self) -> str | None:
@@ -225,8 +254,8 @@ class ADAG(DOWNPOUR):
         outer_lr: float = 1.0,
     ) -> None:
         super().__init__(window, outer_momentum, outer_lr)
-        if gamma is not None and not (isinstance(gamma, (int, float)) and gamma > 0.0):
-            raise ValueError(f"gamma must be a positive number (the thesis used 1e-4), got {gamma!r}")
+        if gamma is not None and not (isinstance(gamma, (int, float)) and 0.0 < gamma < math.inf):
+            raise ValueError(f"gamma must be a positive, finite number (the thesis used 1e-4), got {gamma!r}")
         self.gamma = None if gamma is None else float(gamma)
         self._pulled: PulledCenters | None = PulledCenters() if self.gamma is not None else None
 
@@ -237,16 +266,20 @@ class ADAG(DOWNPOUR):
 
     def server_apply(self, center: Tensor, delta: Tensor, commit: Commit) -> None:
         if self._pulled is not None:
-            delta = delta * staleness_scale(center, self._pulled.take(commit.worker, commit.pulled_clock), self.gamma)
+            delta = delta * staleness_scale(center, self._pulled.take(commit), self.gamma)
         self._add(center, delta)
 
-    def server_pulled(self, worker: int, clock: int, center: Tensor) -> None:
+    def server_pulled(self, connection: int, clock: int, center: Tensor) -> None:
         if self._pulled is not None:
-            self._pulled.remember(worker, clock, center)
+            self._pulled.remember(connection, clock, center)
+
+    def server_forget(self, connection: int) -> None:
+        if self._pulled is not None:
+            self._pulled.forget(connection)
 
     def server_admit(self, commit: Commit) -> None:
         if self._pulled is not None:
-            self._pulled.check(commit.worker, commit.pulled_clock)
+            self._pulled.check(commit)
 
     @property
     def elementwise(self) -> bool:
@@ -273,28 +306,35 @@ def staleness_scale(center: Tensor, pulled: Tensor, gamma: float) -> Tensor:
 
 
 class PulledCenters:
-    """The centers each worker pulled, by clock, for rules that compare a commit with its worker's pulled center.
+    """The centers each connection pulled, by clock, for rules that compare a commit with its worker's pulled
+    center; a connection's are dropped when it closes.
 
     A worker may pull more than once per window (to show the center for validation) while its commit still names
-    the clock its window started from, so a few centers are kept per worker; a commit consumes its own and every
-    older one.
+    the clock its window started from, so a few centers are kept per connection; a commit consumes its own and
+    every older one.
     """
 
     def __init__(self) -> None:
-        self._by_worker: dict[int, dict[int, Tensor]] = {}
+        self._by_connection: dict[int | None, dict[int, Tensor]] = {}
 
-    def remember(self, worker: int, clock: int, center: Tensor) -> None:
-        self._by_worker.setdefault(worker, {})[clock] = center.clone()
+    def remember(self, connection: int, clock: int, center: Tensor) -> None:
+        self._by_connection.setdefault(connection, {})[clock] = center.clone()
 
-    def check(self, worker: int, clock: int) -> None:
-        if clock not in self._by_worker.get(worker, {}):
-            raise ValueError(f"worker {worker} commits from clock {clock}, but the server never handed it that center")
+    def forget(self, connection: int) -> None:
+        self._by_connection.pop(connection, None)
 
-    def take(self, worker: int, clock: int) -> Tensor:
-        self.check(worker, clock)
-        centers = self._by_worker[worker]
-        pulled = centers[clock]
-        for old in [c for c in centers if c <= clock]:
+    def check(self, commit: Commit) -> None:
+        if commit.pulled_clock not in self._by_connection.get(commit.connection, {}):
+            raise ValueError(
+                f"worker {commit.worker} commits from clock {commit.pulled_clock}, but the server never handed it"
+                " that center"
+            )
+
+    def take(self, commit: Commit) -> Tensor:
+        self.check(commit)
+        centers = self._by_connection[commit.connection]
+        pulled = centers[commit.pulled_clock]
+        for old in [c for c in centers if c <= commit.pulled_clock]:
             del centers[old]
         return pulled
 
@@ -332,10 +372,10 @@ class AEASGD(Algorithm):
 
     def __init__(self, window: int | None = None, rho: float = 5.0, elastic_lr: float = 0.01) -> None:
         super().__init__(window)
-        if not rho > 0.0:
-            raise ValueError(f"rho must be positive, got {rho!r}")
-        if not elastic_lr > 0.0:
-            raise ValueError(f"elastic_lr must be positive, got {elastic_lr!r}")
+        if not 0.0 < rho < math.inf:
+            raise ValueError(f"rho must be a positive, finite number, got {rho!r}")
+        if not 0.0 < elastic_lr < math.inf:
+            raise ValueError(f"elastic_lr must be a positive, finite number, got {elastic_lr!r}")
         if not rho * elastic_lr <= 1.0:
             raise ValueError(f"rho * elastic_lr (the elastic coefficient α) must be at most 1, got {rho * elastic_lr}")
         self.rho, self.elastic_lr = float(rho), float(elastic_lr)

@@ -19,6 +19,8 @@ from lightning_adag import wire
 NONCE_BYTES = 32
 DIGEST_BYTES = hashlib.sha256().digest_size
 KEY_ENV = "ADAG_AUTH_KEY"
+#: Keys shorter than this can be guessed by anyone who reaches the server.
+MIN_KEY_CHARS = 16
 
 
 class AuthenticationError(Exception):
@@ -37,6 +39,17 @@ def key_from_env() -> bytes:
             f" `export {KEY_ENV}=$(python -c 'import secrets; print(secrets.token_hex(32))')`"
         )
     return key.encode()
+
+
+def weak_key_advice(key: bytes) -> str | None:
+    """What to change about a shared key too short to keep anyone out, or None for a key long enough."""
+    if len(key) >= MIN_KEY_CHARS:
+        return None
+    return (
+        f"{KEY_ENV} is {len(key)} character(s) long, short enough to guess: use a random key of at least"
+        f" {MIN_KEY_CHARS} characters, for example `export {KEY_ENV}=$(python -c 'import secrets;"
+        " print(secrets.token_hex(32))')`"
+    )
 
 
 def _mac(key: bytes, label: bytes, nonce: bytes) -> bytes:
@@ -59,13 +72,19 @@ def challenge(sock: socket.socket, key: bytes) -> None:
 
 
 def answer(sock: socket.socket, key: bytes) -> None:
-    """Worker side. Raises ``AuthenticationError`` if the server refuses the key or does not know it."""
-    frame = wire.recv(sock, max_payload=NONCE_BYTES)
+    """Worker side. Raises ``AuthenticationError`` if the server refuses the key or does not know it, and
+    ``wire.ServerBusyError`` if it turns the connection away while too many peers are joining."""
+    header = wire.read_header(sock, max_payload=wire.MAX_CONTROL_PAYLOAD)  # a BUSY message may be longer
+    if header.kind is wire.Kind.CHALLENGE and header.length > NONCE_BYTES:
+        raise wire.ProtocolError(f"CHALLENGE frame of {header.length} bytes exceeds the limit of {NONCE_BYTES}")
+    frame = wire.read_payload(sock, header)
+    wire.check_not_busy(frame)
     if frame.kind is not wire.Kind.CHALLENGE or len(frame.payload) != NONCE_BYTES:
         raise wire.ProtocolError(f"expected a CHALLENGE from the server, got {frame.kind.name}")
     nonce = secrets.token_bytes(NONCE_BYTES)
     wire.send(sock, wire.Kind.AUTH, payload=_mac(key, b"worker", frame.payload) + nonce)
     reply = wire.recv(sock, max_payload=wire.MAX_CONTROL_PAYLOAD)
+    wire.check_not_busy(reply)
     if reply.kind is wire.Kind.ERROR:
         raise AuthenticationError(f"the server refused this worker: {reply.payload.decode(errors='replace')}")
     if reply.kind is not wire.Kind.AUTH_OK or not hmac.compare_digest(reply.payload, _mac(key, b"server", nonce)):

@@ -100,6 +100,12 @@ def check_shareable(module: nn.Module) -> None:
             f" floating-point buffers have several dtypes: {by_dtype}. Cast the module to one dtype"
             " (for example with a `precision=` setting of the Trainer)."
         )
+    (dtype,) = dtypes
+    if not dtype.is_floating_point:
+        raise ValueError(
+            f"ADAG averages real floating-point parameters, but the model's are {dtype}: keep complex weights as"
+            " real pairs (a real parameter of shape (..., 2) viewed with torch.view_as_complex in forward)."
+        )
     devices = {t.device for _, t in tensors}
     if len(devices) > 1:
         raise ValueError(f"ADAG needs the whole model on one device, found {sorted(map(str, devices))}.")

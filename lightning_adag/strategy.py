@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
+import math
 import os
 import secrets
 import signal
@@ -162,6 +163,9 @@ class ADAGStrategy(DDPStrategy):
             servers = len(addresses)
             if transport == "shm":
                 raise ValueError("server='host:port' is reached over TCP: use transport='tcp' or 'auto' with it")
+            key = os.environ.get(auth.KEY_ENV, "").encode()
+            if key and (advice := auth.weak_key_advice(key)):  # a missing key fails when the workers join
+                rank_zero_warn(advice)
         if servers > 1 and transport == "shm":
             raise ValueError(f"servers={servers} reaches its servers over TCP: use transport='tcp' or 'auto'")
         if servers > 1 and aggregate is not None:
@@ -173,8 +177,11 @@ class ADAGStrategy(DDPStrategy):
             raise ValueError(f"server_port must be in [0, 65535], got {server_port}")
         if start_method not in _START_METHODS:
             raise ValueError(f"start_method must be one of {_START_METHODS}, got {start_method!r}")
-        if server_timeout <= 0:
-            raise ValueError(f"server_timeout must be positive, got {server_timeout}")
+        if not _is_number(server_timeout) or not 0 < server_timeout < math.inf:
+            raise ValueError(f"server_timeout must be a positive, finite number of seconds, got {server_timeout!r}")
+        for name, value in (("error_feedback", error_feedback), ("overlap", overlap)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
         if compression is not None and compression not in COMPRESSIONS:
             raise ValueError(f"compression must be None or one of {sorted(COMPRESSIONS)}, got {compression!r}")
         if overlap:
@@ -594,6 +601,10 @@ def _check_server_owner(run: str) -> None:
 def _default_store() -> torch.distributed.Store:
     """The default process group's rendezvous store (torch keeps no public accessor)."""
     return torch.distributed.distributed_c10d._get_default_store()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _restored_center(restored: CenterRecord, layout: Layout) -> Tensor | None:

@@ -50,6 +50,7 @@ class Kind(enum.IntEnum):
     TAKE = 16  # worker -> server, JSON {run, epoch, worker, plan}: the next chunk of an epoch's samples
     GIVEN = 17  # server -> worker, JSON {start, stop}: positions [start, stop) of the epoch's order (empty: none left)
     RECOVER = 18  # worker -> server, the center it pulled from the server's previous incarnation; answered by CENTER
+    BUSY = 19  # server -> peer, UTF-8 message, instead of an answer: too many peers are joining at once, retry
 
 
 #: The names of a header's two integers (``a``, ``b``), by frame kind; kinds not listed carry none.
@@ -79,6 +80,10 @@ class ProtocolError(Exception):
 
 class ServerGoneError(ConnectionError):
     """The parameter server closed the connection or stopped answering."""
+
+
+class ServerBusyError(ConnectionError):
+    """The server turned a joining worker away because too many peers were joining at once: retry later."""
 
 
 class ServerRefusedError(RuntimeError):
@@ -239,6 +244,12 @@ def read_tensor_into(sock: socket.socket, header: Header, out: Tensor, dtype: to
 def recv(sock: socket.socket, max_payload: int = MAX_CONTROL_PAYLOAD) -> Frame:
     """Read a whole control frame."""
     return read_payload(sock, read_header(sock, max_payload))
+
+
+def check_not_busy(frame: Frame) -> None:
+    """Raise :class:`ServerBusyError` if ``frame`` is the server turning this connection away as busy."""
+    if frame.kind is Kind.BUSY:
+        raise ServerBusyError(frame.payload.decode(errors="replace"))
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -15,7 +15,7 @@ from lightning_adag.algorithms import Algorithm
 from lightning_adag.flat import FlatState
 from lightning_adag.payload import CommitPayload
 from lightning_adag.staging import Staging
-from lightning_adag.wire import Receipt, ServerGoneError
+from lightning_adag.wire import Receipt, ServerBusyError, ServerGoneError
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,10 @@ class Worker:
     :attr:`exact_center` until :meth:`resume_window`, so that a checkpoint resumes from the center itself.
 
     ``reconnect`` (a function returning a new connected client) lets the worker survive its server: when the
-    server is gone, the worker connects again, for up to ``patience`` seconds, and goes on. To a restarted server
-    it offers the center it holds (θ⁰, the center of its last pull, with that pull's clock; see
-    ``ServerCore.recover``), so the restarted server recovers the newest center any worker pulled. A commit that
+    server is gone, the worker connects again, for up to ``patience`` seconds (a restarted server that every worker
+    rejoins at once may turn some away as busy: they retry), and goes on. To a restarted server it offers the
+    center it holds (θ⁰, the center of its last pull, with that pull's clock; see ``ServerCore.recover``), so the
+    restarted server recovers the newest center any worker pulled. A commit that
     was not acknowledged is counted in :attr:`lost_commits` and not sent again (the old server may have applied
     it, and a center another worker pulled may hold it): its window's steps are dropped, and the worker goes on
     from the recovered center. With ``overlap`` the commit in flight is the one lost and the steps taken since are
@@ -308,8 +309,10 @@ class Worker:
         while True:
             try:
                 client = self._reconnect()
-            except ServerGoneError as again:
+            except (ServerGoneError, ServerBusyError) as again:  # busy: up, with every worker rejoining at once
                 if time.monotonic() > deadline:
+                    if isinstance(again, ServerBusyError):
+                        raise  # it says how long the server stayed busy, and what to raise
                     raise ServerGoneError(
                         f"{err}; it did not come back within server_timeout={self._patience:g} s ({again})"
                     ) from again

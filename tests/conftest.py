@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from lightning_adag.server.launch import ServerProcess, start_parts
+from lightning_adag.transports.tcp import split_address
 
 SCRIPTS = Path(__file__).parent / "scripts"
 SHM = Path("/dev/shm")
@@ -55,11 +56,23 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def raw_socket(transport: str, address: str, timeout: float = 10) -> socket.socket:
+    """A plain socket connected to a server at ``address``, to speak (or not speak) frames by hand."""
+    if transport == "tcp":
+        return socket.create_connection(split_address(address), timeout=timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(address)  # blocking: waits while the listening socket's queue is full
+    sock.settimeout(timeout)
+    return sock
+
+
 @contextlib.contextmanager
-def running_server(transport: str = "shm", key: str = "k", options: tuple[str, ...] = ()):
+def running_server(
+    transport: str = "shm", key: str = "k", options: tuple[str, ...] = (), log_level: str = "ERROR", stderr=None
+):
     """A server process of the tests' own (a server runs the one algorithm and model its first worker names),
-    ready, and stopped afterwards whatever happens."""
-    server = ServerProcess.start(key, transport, log_level="ERROR", options=options)
+    ready, and stopped afterwards whatever happens; its log at ``log_level`` goes to ``stderr`` (a file)."""
+    server = ServerProcess.start(key, transport, log_level=log_level, options=options, stderr=stderr)
     try:
         server.wait_ready()
         yield server

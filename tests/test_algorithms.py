@@ -107,14 +107,29 @@ def test_aeasgd_exchange_matches_the_elastic_formula_on_hand_computed_tensors():
 def test_adag_staleness_scaling_damps_each_element_by_how_far_it_moved_since_the_pull():
     gamma = 0.5
     core = core_with(ADAG(gamma=gamma).spec(), [0.0, 0.0, 0.0])
-    core.read(torch.empty(3, dtype=torch.float64), worker=1)  # worker 1 pulls C = 0 at clock 0
-    core.read(torch.empty(3, dtype=torch.float64), worker=0)
+    core.read(torch.empty(3, dtype=torch.float64), connection=1)  # worker 1 pulls C = 0 at clock 0
+    core.read(torch.empty(3, dtype=torch.float64), connection=0)
     core.commit(0, torch.tensor([1.0, 0.0, -2.0], dtype=torch.float64), pulled_clock=0)  # from C = 0: no damping
     assert torch.equal(core.center, torch.tensor([1.0, 0.0, -2.0], dtype=torch.float64))
     core.commit(1, torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64), pulled_clock=0)
     # C − C_pulled = [1, 0, −2]: factors 1 / (d² / γ + 1) = [1/3, 1, 1/9]
     expected = torch.tensor([1.0 + 1 / 3, 1.0, -2.0 + 1 / 9], dtype=torch.float64)
     torch.testing.assert_close(core.center, expected)
+
+
+def test_adag_keeps_pulled_centers_per_connection_and_frees_them_when_it_closes():
+    core = core_with(ADAG(gamma=0.5).spec(), [0.0, 0.0])
+    core.read(torch.empty(2, dtype=torch.float64), connection=10)  # two runs' worker 0, on connections 10 and 11
+    core.read(torch.empty(2, dtype=torch.float64), connection=11)
+    core.commit(0, torch.tensor([1.0, 1.0], dtype=torch.float64), pulled_clock=0, connection=11)
+    core.read(torch.empty(2, dtype=torch.float64), connection=11)
+    core.commit(0, torch.tensor([1.0, 1.0], dtype=torch.float64), pulled_clock=1, connection=11)
+    receipt = core.commit(0, torch.tensor([1.0, 1.0], dtype=torch.float64), pulled_clock=0, connection=10)
+    assert receipt.staleness == 2  # the other run's worker 0 did not consume this one's pulled center
+    core.read(torch.empty(2, dtype=torch.float64), connection=10)
+    core.forget(10)
+    with pytest.raises(ValueError, match="worker 0 commits from clock 3, but the server never handed it"):
+        core.commit(0, torch.tensor([1.0, 1.0], dtype=torch.float64), pulled_clock=3, connection=10)
 
 
 @given(st.lists(finite, min_size=1, max_size=32), st.floats(1e-6, 1e3))
@@ -154,13 +169,19 @@ def test_server_state_is_restored_only_into_a_server_without_a_center():
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: AEASGD(rho=0), "rho must be positive"),
-        (lambda: AEASGD(elastic_lr=-1), "elastic_lr must be positive"),
+        (lambda: AEASGD(rho=0), "rho must be a positive, finite number"),
+        (lambda: AEASGD(rho=float("inf"), elastic_lr=0.0), "rho must be a positive, finite number"),
+        (lambda: AEASGD(elastic_lr=-1), "elastic_lr must be a positive, finite number"),
+        (lambda: AEASGD(elastic_lr=float("nan")), "elastic_lr must be a positive, finite number"),
         (lambda: AEASGD(rho=50, elastic_lr=0.1), "at most 1"),
-        (lambda: ADAG(gamma=0), "gamma must be a positive number"),
+        (lambda: ADAG(gamma=0), "gamma must be a positive, finite number"),
+        (lambda: ADAG(gamma=float("inf")), "gamma must be a positive, finite number"),
         (lambda: ADAG(outer_momentum=1.0), r"outer_momentum must be in \[0, 1\)"),
+        (lambda: ADAG(outer_momentum=float("nan")), r"outer_momentum must be in \[0, 1\)"),
         (lambda: DOWNPOUR(outer_momentum=-0.1), r"outer_momentum must be in \[0, 1\)"),
-        (lambda: DOWNPOUR(outer_lr=0), "outer_lr must be positive"),
+        (lambda: DOWNPOUR(outer_lr=0), "outer_lr must be a positive, finite number"),
+        (lambda: DOWNPOUR(outer_lr=float("inf")), "outer_lr must be a positive, finite number"),
+        (lambda: server_rule({"name": "adag", "outer_lr": float("inf")}), "outer_lr must be a positive, finite"),
     ],
 )
 def test_bad_hyperparameters_are_refused(make, message):
@@ -251,11 +272,11 @@ def test_a_consumed_pulled_center_cannot_be_committed_from_again():
     centers = PulledCenters()
     for clock in (3, 5, 6):
         centers.remember(0, clock, torch.full((2,), float(clock)))
-    assert centers.take(0, 5).tolist() == [5.0, 5.0]
+    assert centers.take(Commit(0, 5, 7, connection=0)).tolist() == [5.0, 5.0]
     for consumed in (3, 5):  # its own and every older one
         with pytest.raises(ValueError, match=f"commits from clock {consumed}, but the server never handed it"):
-            centers.check(0, consumed)
-    centers.check(0, 6)
+            centers.check(Commit(0, consumed, 7, connection=0))
+    centers.check(Commit(0, 6, 7, connection=0))
 
 
 def test_every_rule_keeps_its_window_and_says_what_it_is():
@@ -272,7 +293,7 @@ def test_aeasgd_takes_any_positive_rho_and_rate_whose_product_is_at_most_one(rho
     if accepted:
         assert AEASGD(2, rho=rho, elastic_lr=elastic_lr).rho == rho
     else:
-        with pytest.raises(ValueError, match=rf"must be (positive|at most 1, got {rho * elastic_lr})"):
+        with pytest.raises(ValueError, match=rf"must be (a positive, finite number|at most 1), got {rho * elastic_lr}"):
             AEASGD(2, rho=rho, elastic_lr=elastic_lr)
 
 

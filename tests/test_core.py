@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lightning_adag.algorithms import Commit, server_rule
 from lightning_adag.flat import Layout
 from lightning_adag.payload import CommitPayload
 from lightning_adag.server.core import SHARD_BYTES, LayoutMismatchError, ServerCore
@@ -352,3 +353,137 @@ def test_an_offer_to_a_server_that_never_restarted_changes_nothing():
     core = make_core(initial=torch.ones(6, dtype=torch.float64), clock=5)
     assert core.recover(torch.full((6,), 7.0, dtype=torch.float64), 9).clock == 5
     assert torch.equal(core.center, torch.ones(6, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------- overflow
+#: Rules whose step the server can bound (plain, an outer learning rate) and one whose momentum it cannot.
+OVERFLOW_RULES = [ADAG, {"name": "downpour", "outer_lr": 2.0}, {"name": "adag", "outer_momentum": 0.9}]
+huge = st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=4, max_size=4)
+
+
+def _state(rule) -> dict:
+    return {name: vector.clone() for name, vector in rule.server_state().items()}
+
+
+@given(st.sampled_from(OVERFLOW_RULES), huge, st.lists(huge, min_size=1, max_size=6))
+@settings(max_examples=300, deadline=None)
+def test_finite_commits_never_make_the_center_infinite_and_a_refused_one_changes_nothing(spec, initial, deltas):
+    """Law: a finite commit is applied exactly as the rule says unless that would make the center (or the rule's
+    state) infinite; then it is refused as an overflow, and the center, the rule's state and the clock are as
+    before, bit for bit."""
+    core = ServerCore(shard_bytes=8)  # two float32 elements per shard
+    core.configure(Layout(6, 4, torch.float32, "d"), spec)
+    core.initialize(torch.tensor([*initial, 0.0, 0.0]), 0)
+    for delta in map(torch.tensor, deltas):
+        before, state, clock = core.center.clone(), _state(core.algorithm), core.clock
+        rule = server_rule(spec)  # the same rule applied to a copy, unchecked
+        for name, vector in state.items():
+            rule.load_server_state(name, vector)
+        expected = before[:4].clone()
+        rule.server_apply(expected, delta, Commit(0, clock, clock))
+        overflows = not all(bool(torch.isfinite(v).all()) for v in (expected, *rule.server_state().values()))
+        try:
+            core.commit(0, torch.cat([delta, torch.tensor([1.0, 2.0])]), clock)
+        except ValueError as err:
+            assert overflows and "overflow float32" in str(err) and "diverged" not in str(err)
+            assert torch.equal(core.center, before) and core.clock == clock
+            assert _state(core.algorithm).keys() <= state.keys() | {"outer_momentum"}
+            assert all(torch.equal(v, state.get(n, torch.zeros_like(v))) for n, v in _state(core.algorithm).items())
+            continue
+        assert not overflows and core.clock == clock + 1
+        assert torch.equal(core.center[:4], expected) and bool(torch.isfinite(core.center).all())
+
+
+@pytest.mark.parametrize(
+    ("spec", "initial", "delta"),
+    [
+        (ADAG, 1e38, 3e38),
+        ({"name": "adag", "outer_lr": 4.0}, 1e38, 1e38),
+        ({"name": "adag", "outer_momentum": 0.9}, 1e38, 1e38),
+    ],
+    ids=["overflowing-delta", "outer-lr", "outer-momentum"],
+)
+def test_a_commit_that_overflows_the_center_is_refused_as_such(spec, initial, delta):
+    core = ServerCore()
+    core.configure(Layout(2, 2, torch.float32, "d"), spec)
+    core.initialize(torch.full((2,), initial), 0)
+    with pytest.raises(ValueError, match="worker 3's commit would make the center overflow float32.*unchanged"):
+        for _ in range(3):  # momentum overflows on the second commit
+            core.commit(3, torch.full((2,), delta), core.clock)
+    assert bool(torch.isfinite(core.center).all())
+
+
+def test_the_first_worker_to_initialize_fixes_the_layout_not_the_first_to_say_hello():
+    idle, active = Layout(3, 3, torch.float64, "idle"), Layout(6, 4, torch.float64, "active")
+    spec = {"name": "adag", "outer_momentum": 0.5}
+    core = ServerCore()
+    assert not core.configure(idle, spec)  # proposes its layout, never initializes
+    assert not core.configure(active, spec)  # may still join
+    assert core.load_state(0, torch.full((4,), 2.0, dtype=torch.float64), active, spec)  # from its checkpoint
+    core.initialize(torch.ones(6, dtype=torch.float64), 0, active, spec)
+    assert core.layout == active and torch.equal(core.center, torch.ones(6, dtype=torch.float64))
+    momentum = torch.empty(4, dtype=torch.float64)
+    core.read_state(0, momentum)
+    assert momentum.tolist() == [2.0] * 4
+    assert core.configure(active, spec)
+    with pytest.raises(LayoutMismatchError, match="model layout mismatch"):
+        core.configure(idle, spec)
+    with pytest.raises(LayoutMismatchError, match="model layout mismatch"):
+        core.initialize(torch.ones(3, dtype=torch.float64), 0, idle, spec)
+
+
+# ------------------------------------------------------------------------------------------- recovery, hardened
+PAIR = Layout(2, 2, torch.float32, "d")
+
+
+def restarted(spec=ADAG, layout=PAIR) -> ServerCore:
+    """A server restarted from the snapshot of one whose center was zero at clock 0."""
+    before = ServerCore()
+    before.configure(layout, spec)
+    before.initialize(torch.zeros(layout.numel, dtype=layout.dtype), 0)
+    after = ServerCore()
+    after.restore(before.snapshot())
+    return after
+
+
+def test_an_offer_whose_commits_would_overflow_the_center_is_refused_and_changes_nothing():
+    core = restarted()
+    core.commit(0, torch.full((2,), 2e38), 0)  # a commit since the restart
+    with pytest.raises(ValueError, match="a recovered center would make the center overflow float32.*unchanged"):
+        core.recover(torch.full((2,), 2e38), 1)  # the old server's commit since the snapshot: 2e38 + 2e38
+    assert core.clock == 1 and torch.equal(core.center, torch.full((2,), 2e38))
+    assert core.recover(torch.full((2,), -1e38), 1).clock == 2  # the base is unchanged: a later offer counts
+    assert torch.equal(core.center, torch.full((2,), 1e38))
+
+
+def test_a_commit_after_a_recovery_is_checked_against_the_recovered_center():
+    """The overflow bound follows the center a recovery made: a commit that would take it past the float32 range
+    is refused, not applied unchecked."""
+    core = restarted()
+    core.commit(0, torch.full((2,), 1.0), 0)
+    core.recover(torch.full((2,), 3e38), 1)  # C = 1 + 3e38
+    with pytest.raises(ValueError, match="worker 0's commit would make the center overflow"):
+        core.commit(0, torch.full((2,), 1e38), core.clock)
+    assert bool(torch.isfinite(core.center).all())
+
+
+def test_the_first_offer_fixes_the_layout_as_an_initialization_does():
+    idle, active = Layout(3, 3, torch.float64, "idle"), Layout(6, 4, torch.float64, "active")
+    core = ServerCore()
+    assert not core.configure(idle, ADAG)  # proposes its layout, never offers a center
+    assert core.recover(torch.ones(6, dtype=torch.float64), 7, 0, active, ADAG).clock == 7
+    assert core.layout == active and core.configure(active, ADAG)
+    with pytest.raises(LayoutMismatchError, match="model layout mismatch"):
+        core.recover(torch.ones(3, dtype=torch.float64), 8, 1, idle, ADAG)
+    assert core.clock == 7
+
+
+def test_an_offer_is_a_center_its_connection_pulled_and_no_other_one():
+    """With rules that keep pulled centers (ADAG's γ), a worker may commit from the center it offered, on the
+    connection it offered it on."""
+    gamma = {"name": "adag", "gamma": 1e-4}
+    core = restarted(gamma, Layout(6, 4, torch.float64, "d"))
+    core.recover(torch.ones(6, dtype=torch.float64), 3, connection=10)
+    with pytest.raises(ValueError, match="never handed it that center"):
+        core.commit(0, torch.zeros(6, dtype=torch.float64), 3, connection=11)
+    assert core.commit(0, torch.zeros(6, dtype=torch.float64), 3, connection=10).clock == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import adag_leftovers, running_server
+from conftest import adag_leftovers, raw_socket, running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +22,6 @@ from lightning_adag.flat import Layout
 from lightning_adag.payload import CommitPayload
 from lightning_adag.server.launch import ServerProcess
 from lightning_adag.transports import connect
-from lightning_adag.transports.tcp import split_address
 
 LAYOUT = Layout(numel=10, trainable=8, dtype=torch.float32, digest="test")
 ADAG = {"name": "adag"}
@@ -47,12 +47,7 @@ class Server:
         return connect(self.transport, self.address, rank, layout, self.algorithm, key.encode(), timeout=30)
 
     def raw_socket(self) -> socket.socket:
-        if self.transport == "tcp":
-            return socket.create_connection(split_address(self.address), timeout=10)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(10)
-        sock.connect(self.address)
-        return sock
+        return raw_socket(self.transport, self.address)
 
     def center(self) -> tuple[torch.Tensor, int]:
         client = self.connect(rank=99)
@@ -115,6 +110,17 @@ def test_a_compressed_commit_is_accumulated_in_the_center_dtype(server):
     client.close()
 
 
+def _authenticated_peer(server, rank=7):
+    """A raw socket that has authenticated and said hello with LAYOUT, to speak frames by hand."""
+    sock = server.raw_socket()
+    auth.answer(sock, KEY.encode())
+    wire.send(
+        sock, wire.Kind.HELLO, payload=wire.json_payload({"rank": rank, "layout": LAYOUT.to_json(), "algorithm": ADAG})
+    )
+    assert wire.recv(sock).kind is wire.Kind.WELCOME
+    return sock
+
+
 @pytest.mark.parametrize(
     ("code", "length", "error"),
     [(0, 0, "unknown dtype code 0"), (9, 0, "unknown dtype code 9"), (2, 0, "narrower"), (4, 3, "bytes")],
@@ -122,12 +128,8 @@ def test_a_compressed_commit_is_accumulated_in_the_center_dtype(server):
 )
 def test_a_commit_that_announces_a_wrong_payload_is_refused(server, code, length, error):
     before = server.center()
-    sock = server.raw_socket()
+    sock = _authenticated_peer(server)
     try:
-        auth.answer(sock, KEY.encode())
-        hello = {"rank": 7, "layout": LAYOUT.to_json(), "algorithm": ADAG}
-        wire.send(sock, wire.Kind.HELLO, payload=wire.json_payload(hello))
-        assert wire.recv(sock).kind is wire.Kind.WELCOME
         if server.transport == "shm" and length:
             pytest.skip("a shared-memory commit carries no bytes")
         sock.sendall(
@@ -496,7 +498,7 @@ time.sleep(600)
 def test_a_flood_of_silent_peers_does_not_stop_the_server(server):
     peers = []
     try:
-        for _ in range(100):  # more than the 64 handshakes allowed at once: the rest are closed at once
+        for _ in range(300):  # more than the 256 peers allowed to join at once: the rest are turned away at once
             peers.append(server.raw_socket())
     finally:
         for peer in peers:
@@ -581,3 +583,103 @@ def _wait_for_snapshot(path, clock: int, timeout: float = 20.0) -> dict:
                 return saved
         time.sleep(0.1)
     pytest.fail(f"no snapshot at clock {clock} within {timeout} s")
+
+
+@pytest.mark.parametrize(
+    ("kind", "length"),
+    [
+        *[(kind, LAYOUT.nbytes) for kind in (wire.Kind.PULL, wire.Kind.STATS, wire.Kind.GET_STATE)],
+        (wire.Kind.TAKE, wire.MAX_CONTROL_PAYLOAD + 1),
+    ],
+    ids=["PULL", "STATS", "GET_STATE", "TAKE"],
+)
+def test_a_control_frame_announcing_a_payload_is_refused_before_it_arrives(server, kind, length):
+    # the payload never comes: a server that waited for (and allocated) it would not answer
+    sock = _authenticated_peer(server)
+    try:
+        sock.sendall(wire.HEADER.pack(wire.MAGIC, wire.VERSION, int(kind), 0, 0, 0, 0, length))
+        reply = wire.recv(sock)
+        assert reply.kind is wire.Kind.ERROR and re.search("payload|exceeds", reply.payload.decode())
+    finally:
+        sock.close()
+    assert server.center()[1] >= 0
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_a_commit_that_overflows_the_center_is_refused_and_the_center_stays_finite(transport):
+    with running_server(transport, KEY) as process:
+        server = Server(transport, process)
+        first = server.connect()
+        first.mailbox.fill_(1e38)
+        first.initialize(0)
+        before = server.center()
+        first.mailbox.fill_(3e38)  # finite, but 1e38 + 3e38 is not
+        with pytest.raises(wire.ServerRefusedError, match="worker 0's commit would make the center overflow float32"):
+            first.commit(before[1], 1)
+        first.close()
+        assert_unchanged(before, server.center())
+
+
+GAMMA = {"name": "adag", "gamma": 1e-4}
+
+
+def test_two_runs_sharing_a_server_keep_their_pulled_centers_apart():
+    with running_server("tcp", KEY) as process:
+
+        def worker_zero():  # each run has a worker 0
+            return connect("tcp", process.address, 0, LAYOUT, GAMMA, KEY.encode(), timeout=30)
+
+        first, second = worker_zero(), worker_zero()
+        try:
+            first.initialize(0)
+            start = first.pull().clock
+            second.mailbox.zero_()
+            clock = second.commit(second.pull().clock, 1).clock
+            second.commit(clock, 1)  # consumes the centers this connection pulled, never the other's
+            first.mailbox.zero_()
+            assert first.commit(start, 1).staleness == 2
+        finally:
+            first.close()
+            second.close()
+
+
+def test_the_centers_a_worker_pulled_are_freed_when_it_leaves(monkeypatch):
+    big = Layout(numel=2**21, trainable=2**21, dtype=torch.float32, digest="big")  # 8 MiB
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(2**17))  # the server's freed buffers go back to the system
+    with running_server("tcp", KEY) as process:
+        server = psutil.Process(process.pid)
+
+        def visit(rank):
+            client = connect("tcp", process.address, rank, big, GAMMA, KEY.encode(), timeout=30)
+            client.initialize(0)  # the center it pulled back stays on the server while it is connected
+            client.close()
+
+        visit(0)
+        time.sleep(0.2)
+        before = server.memory_info().rss
+        for rank in range(1, 17):
+            visit(rank)
+        time.sleep(0.2)
+        grown = server.memory_info().rss - before
+        assert grown < 32 * 2**20  # 16 kept centers would be 128 MiB
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_a_worker_that_never_initializes_does_not_pin_an_empty_servers_model(transport):
+    other = Layout(numel=12, trainable=12, dtype=torch.float32, digest="other")
+    with running_server(transport, KEY) as process:
+        server = Server(transport, process)
+        idle = server.connect(rank=0, layout=other)  # says hello with its model, then never initializes
+        try:
+            first = server.connect(rank=0)
+            first.mailbox.fill_(1.0)
+            assert first.initialize(0).clock == 0  # the first to initialize fixes the model: LAYOUT
+            first.mailbox.fill_(0.5)
+            assert first.commit(0, 1).clock == 1
+            first.close()
+            with pytest.raises(wire.ServerRefusedError, match="model layout mismatch"):
+                idle.initialize(0)
+            with pytest.raises(wire.ServerRefusedError, match="model layout mismatch"):
+                server.connect(rank=1, layout=other)
+        finally:
+            idle.close()

@@ -6,10 +6,12 @@ import importlib
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_adag
 from lightning_adag import ADAG, ADAGStrategy
+from lightning_adag.flat import check_shareable
 from lightning_adag.lockstep import check_asynchrony
 
 
@@ -47,12 +49,17 @@ def test_explicit_settings():
         ({"server_port": 70000}, "server_port must be in"),
         ({"transport": "ucx"}, "transport must be one of"),
         ({"start_method": "thread"}, "start_method must be one of"),
-        ({"server_timeout": 0}, "server_timeout must be positive"),
         ({"servers": 0}, "servers must be a positive number"),
         ({"servers": 2, "transport": "shm"}, "reaches its servers over TCP"),
         ({"server": "h:1,h:2", "servers": 3}, "lists 2 address"),
         ({"server": "h:1,nohost"}, "must look like 'host:port'"),
         ({"servers": 2, "aggregate": "node"}, "not combined with it yet"),
+        ({"server_timeout": 0}, "server_timeout must be a positive, finite"),
+        ({"server_timeout": float("nan")}, "server_timeout must be a positive, finite"),
+        ({"server_timeout": float("inf")}, "server_timeout must be a positive, finite"),
+        ({"server_timeout": "60"}, "server_timeout must be a positive, finite"),
+        ({"error_feedback": "no"}, "error_feedback must be True or False"),
+        ({"overlap": "no"}, "overlap must be True or False"),
     ],
 )
 def test_invalid_settings_fail_at_construction(kwargs, match):
@@ -100,8 +107,8 @@ def test_the_runs_tcp_server_binds_loopback_on_one_node_and_the_main_address_on_
     monkeypatch.setenv("MASTER_PORT", "29500")
     strategy = ADAGStrategy(transport="tcp")
     L.Trainer(strategy=strategy, accelerator="cpu", devices=2, num_nodes=num_nodes, logger=False)
-    assert strategy._server_bind_address() == bound
-    assert ADAGStrategy(transport="shm")._server_bind_address() is None  # a socket file of its own
+    assert strategy._server_bind_addresses() == [bound]
+    assert ADAGStrategy(transport="shm")._server_bind_addresses() == [None]  # a socket file of its own
 
 
 def test_a_time_based_val_check_interval_is_refused_and_max_time_warned():
@@ -113,3 +120,21 @@ def test_a_time_based_val_check_interval_is_refused_and_max_time_warned():
         check_asynchrony(timed)
     per_epoch = L.Trainer(strategy="adag", accelerator="cpu", devices=2, logger=False, max_epochs=2)
     check_asynchrony(per_epoch)  # neither: nothing said
+
+
+def test_a_complex_model_fails_before_any_worker_starts():
+    with pytest.raises(ValueError, match="complex64.*real pairs"):
+        check_shareable(torch.nn.Linear(2, 2).to(torch.complex64))
+
+
+@pytest.mark.parametrize("key", ["k", "a" * 15])
+def test_a_short_shared_key_is_pointed_out_at_construction(monkeypatch, key):
+    monkeypatch.setenv("ADAG_AUTH_KEY", key)
+    with pytest.warns(UserWarning, match=f"ADAG_AUTH_KEY is {len(key)} character.*token_hex"):
+        ADAGStrategy(server="host:29600")
+
+
+def test_a_long_shared_key_passes_silently(monkeypatch, recwarn):
+    monkeypatch.setenv("ADAG_AUTH_KEY", "a" * 16)
+    ADAGStrategy(server="host:29600")
+    assert not [w for w in recwarn if "ADAG_AUTH_KEY" in str(w.message)]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import running_server
+from conftest import raw_socket, running_server
 from torch import nn
 
 from lightning_adag.algorithms import ADAG, AEASGD, DOWNPOUR
@@ -345,6 +345,35 @@ def test_workers_rejoin_a_restarted_server_which_recovers_the_newest_center_they
         assert workers[0].commit(1).clock == 3  # and training goes on
     finally:
         for worker in workers:
+            worker.close()
+        server.stop()
+
+
+def test_a_worker_rejoins_a_restarted_server_that_turns_it_away_as_busy_at_first():
+    """Every worker rejoins a restarted server at once, so some are told it is busy; that is not a dead server.
+    The client here gives up on a busy server after 0.2 s, so it is the worker that keeps trying."""
+    where = ShmListener.default_where()
+    server = ServerProcess.start("k", where=where)
+    flat, algorithm = FlatState(make_model()), ADAG(1)
+    reconnect = functools.partial(connect, "shm", where, 0, flat.layout, algorithm.spec(), b"k", 0.2)
+    worker = holder = None
+    try:
+        server.wait_ready()
+        worker = Worker(flat, reconnect(), algorithm, reconnect=reconnect, patience=30)
+        worker.offer_initial_center(0)
+        worker.reset_to_center()
+        server.process.kill()
+        server.stop()
+        server = ServerProcess.start("k", where=where, options=("--max-handshakes", "1"))
+        server.wait_ready()
+        holder = raw_socket("shm", where)  # joining, and silent: the only place is taken for a second
+        worker.commit(1)  # lost, then rejoined once the silent peer gives its place up
+        assert worker.lost_commits == 1 and worker.reconnections == 1
+        assert worker.commit(1).clock == 1
+    finally:
+        if holder is not None:
+            holder.close()
+        if worker is not None:
             worker.close()
         server.stop()
 

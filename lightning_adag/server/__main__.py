@@ -8,6 +8,7 @@ with ``--checkpoint`` it also outlives itself.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -21,12 +22,15 @@ import torch
 from lightning_adag import auth
 from lightning_adag.server.aggregator import GATHER, AggregatorCore
 from lightning_adag.server.core import SHARD_BYTES, ServerCore
-from lightning_adag.server.service import Service
+from lightning_adag.server.service import MAX_HANDSHAKES, Service
 from lightning_adag.server.snapshots import SnapshotError, Snapshotter
 from lightning_adag.transports import TRANSPORTS
 from lightning_adag.transports.base import Listener
 
 log = logging.getLogger("lightning_adag.server")
+
+
+_ADDRESS_IN_USE = " (another server listens there: stop it, or choose another --port or --unix path)"
 
 
 def _stop(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -63,6 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=SHARD_BYTES / 2**20,
         help="MiB per shard of the center (default %(default)g): commits from different workers pipeline through"
         " the shards, one core each; a size at least the model's turns pipelining off",
+    )
+    parser.add_argument(
+        "--max-handshakes",
+        type=int,
+        default=MAX_HANDSHAKES,
+        help="peers allowed to be joining at once (default %(default)s); more are told the server is busy and retry,"
+        " and a peer silent for a second makes room for a new one",
     )
     parser.add_argument(
         "--upstream",
@@ -106,6 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--checkpoint-every must be positive")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.max_handshakes < 1:
+        parser.error("--max-handshakes must be at least 1")
     if args.shard_mib <= 0:
         parser.error("--shard-mib must be positive")
     if args.part is not None:
@@ -146,19 +159,21 @@ def serve(args: argparse.Namespace) -> int:
     except auth.AuthenticationError as err:
         log.error("%s", err)
         return 2
+    if advice := auth.weak_key_advice(key):
+        log.warning("%s", advice)
     signal.signal(signal.SIGTERM, _stop)
     torch.set_num_threads(args.threads)
     if args.upstream is None:
         aggregator = None
         core = ServerCore(shard_bytes=max(1, round(args.shard_mib * 2**20)))
         snapshotter = Snapshotter(core, args.checkpoint, args.checkpoint_every) if args.checkpoint else None
-        service = Service(core, key, part=args.part)
+        service = Service(core, key, part=args.part, max_handshakes=args.max_handshakes)
     else:  # a node's aggregator (no --checkpoint: it holds no center of its own)
         aggregator = AggregatorCore(
             args.upstream, key, args.node_rank, args.node_workers, args.gather_ms / 1e3, args.upstream_timeout
         )
         snapshotter = None
-        service = Service(aggregator, key, assignments=aggregator)
+        service = Service(aggregator, key, assignments=aggregator, max_handshakes=args.max_handshakes)
     stop_snapshots = threading.Event()
     code = 0
     try:
@@ -168,7 +183,13 @@ def serve(args: argparse.Namespace) -> int:
             threading.Thread(target=snapshotter.run, args=(stop_snapshots,), daemon=True).start()
         addresses = []
         for endpoint in args.listen:
-            listener = open_listener(endpoint)
+            try:
+                listener = open_listener(endpoint)
+            except OSError as err:
+                log.error(
+                    "cannot listen on %s: %s%s", endpoint, err, _ADDRESS_IN_USE if err.errno == errno.EADDRINUSE else ""
+                )
+                return 1
             service.listen(listener)
             addresses.append(listener.address)
             log.info("listening on %s", listener.address)
@@ -180,9 +201,6 @@ def serve(args: argparse.Namespace) -> int:
         pass
     except SnapshotError as err:
         log.error("%s", err)
-        code = 1
-    except OSError as err:
-        log.error("cannot listen: %s (choose another --port, or stop the process that holds it)", err)
         code = 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the clean-up even if asked again

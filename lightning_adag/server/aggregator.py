@@ -101,37 +101,50 @@ class AggregatorCore:
         self.local: dict[int, WorkerRecord] = {}
 
     # ------------------------------------------------------------------------------- what Service asks for
-    def configure(self, layout: Layout, algorithm_spec: dict) -> None:
+    def configure(self, layout: Layout, algorithm_spec: dict) -> bool:
+        """The first local worker's layout and algorithm open the link upstream and are fixed from then on (True:
+        the worker agrees with them)."""
         with self._changed:
             if self.layout is not None:
                 check_agreement(self.layout, self.algorithm_spec, layout, algorithm_spec)
-                return
+                return True
             check_summable(algorithm_spec)
             try:
                 link = connect("tcp", self.upstream, self.rank, layout, algorithm_spec, self._key, self._timeout)
-            except (wire.ServerGoneError, wire.ServerRefusedError, wire.ProtocolError) as err:
+            except (wire.ServerGoneError, wire.ServerBusyError, wire.ServerRefusedError, wire.ProtocolError) as err:
                 raise UpstreamError(f"the node's aggregator cannot join the server at {self.upstream}: {err}") from err
             self._link, self.layout, self.algorithm_spec = link, layout, dict(algorithm_spec)
             self._sum = torch.zeros(layout.trainable, dtype=layout.dtype)
             self._values = torch.zeros(layout.numel - layout.trainable, dtype=layout.dtype)
             threading.Thread(target=self._send_rounds, name="adag-upstream", daemon=True).start()
+            return True
 
-    def initialize(self, values: Tensor, clock: int) -> Receipt:
+    def initialize(
+        self, values: Tensor, clock: int, layout: Layout | None = None, algorithm_spec: dict | None = None
+    ) -> Receipt:
         """Offer ``values`` upstream as the initial center (the server keeps its own if it holds one)."""
         with self._changed:
             self._require_layout()
+            if layout is not None:
+                check_agreement(self.layout, self.algorithm_spec, layout, algorithm_spec)
             while self._sending:  # the link's mailbox is the round's until its requests have copied the reply
                 self._changed.wait()
             receipt = self._upstream(lambda link: self._offer(link, values, clock))
             self._seen(receipt)
             return receipt
 
-    def recover(self, values: Tensor, clock: int, worker: int | None = None) -> Receipt:
+    def recover(self, values: Tensor, clock: int, connection=None, layout=None, algorithm_spec=None) -> Receipt:
         """Refused: an aggregator never restarts under its workers, so no worker holds one of its centers."""
         raise ValueError("a node's aggregator holds no center of its own to recover")
 
     def commit(
-        self, worker: int, delta: Tensor, pulled_clock: int, out: Tensor | None = None, values: Tensor | None = None
+        self,
+        worker: int,
+        delta: Tensor,
+        pulled_clock: int,
+        out: Tensor | None = None,
+        values: Tensor | None = None,
+        connection: int | None = None,  # noqa: ARG002 - ServerCore's signature: nothing is kept per connection
     ) -> Receipt:
         """Add ``worker``'s commit to the open round and wait for the center that round brings back (into
         ``out``). A non-finite commit is refused here, before it can spoil a sum that others share."""
@@ -151,7 +164,7 @@ class AggregatorCore:
             self.local.setdefault(worker, WorkerRecord()).add(staleness)
         return Receipt(receipt.clock, staleness)
 
-    def read(self, out: Tensor, worker: int | None = None) -> Receipt:  # noqa: ARG002 - ServerCore's signature
+    def read(self, out: Tensor, connection: int | None = None) -> Receipt:  # noqa: ARG002 - ServerCore's signature
         """Pull the global center into ``out`` with the open round."""
         with self._changed:
             self._require_layout()
@@ -160,10 +173,13 @@ class AggregatorCore:
             self._changed.notify_all()
         return Receipt(self._collect(current, out).clock)
 
+    def forget(self, connection: int) -> None:
+        """Nothing is kept per connection here (the server above keeps its own per this node's link)."""
+
     def read_state(self, index: int, out: Tensor) -> Receipt:  # noqa: ARG002
         raise ValueError(f"{self.algorithm_spec} keeps no server-side state vector, not #{index}")
 
-    def load_state(self, index: int, values: Tensor) -> bool:  # noqa: ARG002
+    def load_state(self, index: int, values: Tensor, layout=None, algorithm_spec=None) -> bool:  # noqa: ARG002
         raise ValueError(f"{self.algorithm_spec} keeps no server-side state vector, not #{index}")
 
     def take(self, run: str, epoch: int, worker: int, plan: EpochPlan) -> tuple[int, int]:

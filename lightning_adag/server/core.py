@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +64,12 @@ DIVERGED = (
     "The center is unchanged. The worker's parameters have diverged: lower the learning rate, clip gradients"
     " (Trainer(gradient_clip_val=...)) or look for the step whose loss became NaN."
 )
+#: What a commit or a recovered center refused for overflowing the center says (its dtype and largest finite
+#: value are filled in).
+OVERFLOWED = (
+    "would make the center overflow {dtype} (largest finite value {limit:.3g}); the center is unchanged."
+    " Lower outer_lr or outer_momentum, or the learning rate: parameters this large have run away."
+)
 #: What a refused initial center or server state says.
 RESTORED = "Check the model's initialization, or the checkpoint or server snapshot it was restored from."
 
@@ -104,6 +111,14 @@ def commit_values(layout: Layout, clock: int, delta: Tensor, pulled_clock: int, 
     return values
 
 
+def largest_magnitude(tensor: Tensor) -> float:
+    """The largest ``|x|`` in ``tensor`` (NaN if any element is NaN, infinite if any is), in one read."""
+    if not tensor.numel():
+        return 0.0
+    low, high = (float(v) for v in torch.aminmax(tensor))
+    return max(abs(low), abs(high)) if math.isfinite(low) and math.isfinite(high) else math.nan
+
+
 def require_finite(tensor: Tensor, what: str, advice: str) -> None:
     """Raise a ``ValueError`` that says how many elements of ``tensor`` are NaN or infinite, if any are (checked
     at memory speed by :func:`~lightning_adag.flat.all_finite`; only a refusal pays for the exact count)."""
@@ -124,8 +139,9 @@ class ServerCore:
     algorithm whose server half is not elementwise and stateless (see ``Algorithm.elementwise``) gets a single
     shard: one lock, as before.
 
-    The first worker fixes the layout and the algorithm; later ones must agree. ``allocate(numel, dtype)``
-    supplies the center's storage.
+    The first worker to initialize the center (or to offer one it recovered) fixes the layout and the algorithm;
+    later ones must agree.
+    ``allocate(numel, dtype)`` supplies the center's storage.
     """
 
     def __init__(
@@ -147,35 +163,78 @@ class ServerCore:
         # snapshot's, or one a reconnecting worker offered (see :meth:`recover`). None on a server never restarted.
         self._base: Tensor | None = None
         self._base_clock = 0
+        #: An upper bound on ``|C|`` of the trainable region; while a commit cannot take it past ``_headroom`` it
+        #: is applied without a check (see :meth:`commit`).
+        self._bound = 0.0
+        self._headroom = 0.0
 
-    def configure(self, layout: Layout, algorithm_spec: dict) -> None:
-        """Accept a worker's layout and algorithm: the first one defines them, later ones must agree."""
+    def configure(self, layout: Layout, algorithm_spec: dict) -> bool:
+        """Accept a worker's layout and algorithm. Once the center is initialized they are fixed and the worker's
+        must agree (True); before, any worker may join (False): the first proposes them, and the first to
+        initialize the center (or load state into it) fixes its own (see :meth:`initialize`). So a worker that
+        says hello and never initializes cannot keep a server empty for everyone else."""
         with self._entry:
-            if self.layout is None:
-                algorithm = server_rule(algorithm_spec)
-                self.center = self._allocate(layout.numel, layout.dtype)
-                self.layout, self.algorithm, self.algorithm_spec = layout, algorithm, dict(algorithm_spec)
-                shard = max(1, self._shard_bytes // layout.dtype.itemsize) if algorithm.elementwise else layout.numel
-                starts = range(0, layout.numel, shard)
-                self._spans = [slice(a, min(a + shard, layout.numel)) for a in reversed(starts)]  # see _walk
-                self._locks = [threading.Lock() for _ in self._spans]
-                return
+            if not self.initialized:
+                if self.layout is None:
+                    self._adopt(layout, algorithm_spec)
+                else:
+                    server_rule(algorithm_spec)  # a spec it cannot run is refused now, not at initialization
+                return False
             check_agreement(self.layout, self.algorithm_spec, layout, algorithm_spec)
+            return True
 
-    def initialize(self, values: Tensor, clock: int) -> Receipt:
-        """Set the center to ``values`` at ``clock`` unless it already holds one; either way, return its clock."""
+    def _adopt(self, layout: Layout, algorithm_spec: dict) -> None:
+        """Take ``layout`` and the algorithm for the center to come (the caller holds the entry lock, and every
+        shard's if there are any; nothing is initialized)."""
+        algorithm = server_rule(algorithm_spec)
+        self.center = self._allocate(layout.numel, layout.dtype)
+        self.layout, self.algorithm, self.algorithm_spec = layout, algorithm, dict(algorithm_spec)
+        shard = max(1, self._shard_bytes // layout.dtype.itemsize) if algorithm.elementwise else layout.numel
+        starts = range(0, layout.numel, shard)
+        self._spans = [slice(a, min(a + shard, layout.numel)) for a in reversed(starts)]  # see _walk
+        self._locks = [threading.Lock() for _ in self._spans]
+
+    def _settle(self, layout: Layout | None, algorithm_spec: dict | None) -> None:
+        """Before a worker's initialization or state is taken: once initialized, its layout must agree; before, the
+        center takes its layout if another worker's was proposed (called with the center quiesced)."""
+        if layout is None:
+            return
+        if self.initialized:
+            check_agreement(self.layout, self.algorithm_spec, layout, algorithm_spec)
+        elif (layout, algorithm_spec) != (self.layout, self.algorithm_spec):
+            self._adopt(layout, algorithm_spec)
+
+    def _start(self, values: Tensor, clock: int) -> None:
+        """Make ``values`` (finite) the center at ``clock``, with the bound the overflow check starts from."""
+        self.center.copy_(values)
+        self._bound = largest_magnitude(self.center[: self.layout.trainable])
+        self._headroom = torch.finfo(self.center.dtype).max / 2
+        self.clock, self.initialized = clock, True
+
+    def initialize(
+        self, values: Tensor, clock: int, layout: Layout | None = None, algorithm_spec: dict | None = None
+    ) -> Receipt:
+        """Set the center to ``values`` at ``clock`` unless it already holds one; either way, return its clock.
+        ``layout`` and ``algorithm_spec``, the initializing worker's, are fixed from then on (by default, those
+        :meth:`configure` took)."""
         if not 0 <= clock < MAX_CLOCK:
             raise ValueError(f"clock must be in [0, 2**62), got {clock}: is the checkpoint or snapshot damaged?")
         with self._quiesced():
+            self._settle(layout, algorithm_spec)
             self._require_layout()
             if not self.initialized:
                 require_finite(values, "the initial center", RESTORED)
-                self.center.copy_(values)
-                self.clock = clock
-                self.initialized = True
+                self._start(values, clock)
             return Receipt(self.clock)
 
-    def recover(self, values: Tensor, clock: int, worker: int | None = None) -> Receipt:
+    def recover(
+        self,
+        values: Tensor,
+        clock: int,
+        connection: int | None = None,
+        layout: Layout | None = None,
+        algorithm_spec: dict | None = None,
+    ) -> Receipt:
         """Take ``values``, a center at ``clock`` that a worker pulled from this server's previous incarnation (the
         process before a restart), so that a restarted server loses no more than the commits in flight.
 
@@ -184,73 +243,139 @@ class ServerCore:
         linear, so the offer holds exactly the commits between the two, and they are added to the center,
         ``C ← C + (offer − known)`` on the trainable region, with the clock advanced by their number. The commits
         applied since the restart stay; values that travel by value are the offer's only if there were none. An
-        offer no newer, or to a server that was never restarted, changes nothing. Either way, return the clock.
-        The offering ``worker``, if named, is known to hold the offer (rules that keep pulled centers need it)."""
+        offer no newer, or to a server that was never restarted, changes nothing. An offer whose commits would make
+        the center overflow is refused (``ValueError``) and changes nothing either. Unless refused, return the clock.
+
+        The worker on ``connection``, if named, is known to hold the offer (rules that keep pulled centers need
+        it). ``layout`` and ``algorithm_spec`` are the offering worker's, as for :meth:`initialize`: the first offer
+        or initialization taken fixes them."""
         if not 0 <= clock < MAX_CLOCK:
             raise ValueError(f"clock must be in [0, 2**62), got {clock}")
         require_finite(values, "a recovered center", RESTORED)
         with self._quiesced():
+            self._settle(layout, algorithm_spec)
             self._require_layout()
             trainable = self.layout.trainable
-            if worker is not None:
-                self.algorithm.server_pulled(worker, clock, values[:trainable])
-            if not self.initialized or (self._base is not None and self.clock == self._base_clock < clock):
-                self.center.copy_(values)
-                self.clock, self.initialized = clock, True
-            elif self._base is not None and clock > self._base_clock:
-                self.center[:trainable] += values[:trainable] - self._base
+            newer = self._base is not None and clock > self._base_clock
+            taken = newer or not self.initialized
+            if not self.initialized or (newer and self.clock == self._base_clock):
+                self._start(values, clock)
+            elif newer:
+                moved = self.center[:trainable] + (values[:trainable] - self._base)
+                if not all_finite(moved):
+                    raise ValueError(f"a recovered center {self._overflowed()}")
+                self.center[:trainable].copy_(moved)
+                self._bound = largest_magnitude(moved)
                 self.clock += clock - self._base_clock
-            else:
-                return Receipt(self.clock)
-            self._remember_base(values[:trainable], clock)
+            if taken:
+                self._remember_base(values[:trainable], clock)
+            if connection is not None:
+                self.algorithm.server_pulled(connection, clock, values[:trainable])
             return Receipt(self.clock)
 
     def commit(
-        self, worker: int, delta: Tensor, pulled_clock: int, out: Tensor | None = None, values: Tensor | None = None
+        self,
+        worker: int,
+        delta: Tensor,
+        pulled_clock: int,
+        out: Tensor | None = None,
+        values: Tensor | None = None,
+        connection: int | None = None,
     ) -> Receipt:
         """Apply one commit atomically, then (when ``out`` is given) copy the new center into ``out``: the center
-        ``worker`` now holds.
+        the worker now holds. ``connection`` (by default, ``worker``) is what the algorithm keeps per-worker state
+        under (see :meth:`read`, :meth:`forget`).
 
         ``delta``'s trainable region goes through the algorithm's rule, accumulated in the center's dtype whatever
         dtype the delta came in; ``values`` (by default, the rest of ``delta``: frozen parameters and floating-point
         buffers) replace the center's, so running statistics travel from worker to worker.
 
         A commit holding NaN or an infinity is refused whole (``ValueError``) before it takes a clock: one diverged
-        worker must not poison the center every other worker pulls. The check runs outside the locks.
+        worker must not poison the center every other worker pulls. The check runs outside the locks. So is a finite
+        commit that would make the center overflow: while the algorithm bounds how far a commit moves the center
+        (``Algorithm.step_bound``) and that bound keeps the center far from its dtype's largest value, commits are
+        pipelined unchecked; otherwise the commit is applied with the whole center held, checked, and rolled back
+        if any element became infinite.
         """
-        require_finite_commit(worker, delta, values)
+        largest = largest_magnitude(delta)
+        if not math.isfinite(largest):
+            require_finite(delta, f"worker {worker}'s commit", DIVERGED)
+        if values is not None:
+            require_finite(values, f"worker {worker}'s commit (its buffers)", DIVERGED)
         with self._entry:
             self._require_initialized()
-            trainable = self.layout.trainable
             values = commit_values(self.layout, self.clock, delta, pulled_clock, values)
-            commit = Commit(worker, pulled_clock, self.clock)
+            commit = Commit(worker, pulled_clock, self.clock, worker if connection is None else connection)
             self.algorithm.server_admit(commit)
-            self.clock += 1
-            self.workers.setdefault(worker, WorkerRecord()).add(commit.staleness)
-            receipt = Receipt(self.clock, commit.staleness)
+            step = self.algorithm.step_bound(largest)
+            if not self._bound + step < self._headroom:
+                return self._commit_checked(commit, delta, values, out)
+            self._bound += step
+            receipt = self._count(commit)
             first = self._enter()
 
         def apply(span: slice, final: bool) -> None:
-            stop = min(span.stop, trainable)
-            if span.start < stop:
-                self.algorithm.server_apply(self.center[span.start : stop], delta[span.start : stop], commit)
-            start = max(span.start, trainable)
-            if start < span.stop:
-                self.center[start : span.stop].copy_(values[start - trainable : span.stop - trainable])
+            self._apply(commit, delta, values, span)
             if out is not None:
-                self._hand_out(worker, receipt.clock, out, span, final)
+                self._hand_out(commit.connection, receipt.clock, out, span, final)
 
         self._walk(first, apply)
         return receipt
 
-    def read(self, out: Tensor, worker: int | None = None) -> Receipt:
-        """Copy a consistent snapshot of the center into ``out`` (the center ``worker``, if named, now holds)."""
+    def _commit_checked(self, commit: Commit, delta: Tensor, values: Tensor, out: Tensor | None) -> Receipt:
+        """Apply ``commit`` with the whole center held (the caller holds the entry lock), and undo it, raising a
+        ``ValueError``, if it made any element of the center or of the algorithm's state infinite."""
+        with self._all_shards():
+            center = self.center.clone()
+            state = {name: vector.clone() for name, vector in self.algorithm.server_state().items()}
+            for span in self._spans:
+                self._apply(commit, delta, values, span)
+            trainable = self.center[: self.layout.trainable]
+            if not all(map(all_finite, (trainable, *self.algorithm.server_state().values()))):
+                self.center.copy_(center)
+                for name, vector in state.items():
+                    self.algorithm.load_server_state(name, vector)
+                for name in set(self.algorithm.server_state()) - set(state):  # created by this commit
+                    self.algorithm.load_server_state(name, torch.zeros_like(trainable))
+                raise ValueError(f"worker {commit.worker}'s commit {self._overflowed()}")
+            self._bound = largest_magnitude(trainable)
+            receipt = self._count(commit)
+            for index, span in enumerate(self._spans):
+                if out is not None:
+                    self._hand_out(commit.connection, receipt.clock, out, span, index == len(self._spans) - 1)
+            return receipt
+
+    def _apply(self, commit: Commit, delta: Tensor, values: Tensor, span: slice) -> None:
+        """Fold ``commit`` into one shard: its delta through the algorithm's rule, its values copied."""
+        trainable = self.layout.trainable
+        stop = min(span.stop, trainable)
+        if span.start < stop:
+            self.algorithm.server_apply(self.center[span.start : stop], delta[span.start : stop], commit)
+        start = max(span.start, trainable)
+        if start < span.stop:
+            self.center[start : span.stop].copy_(values[start - trainable : span.stop - trainable])
+
+    def _count(self, commit: Commit) -> Receipt:
+        """Advance the clock for an applied ``commit`` and record it (under the entry lock)."""
+        self.clock += 1
+        self.workers.setdefault(commit.worker, WorkerRecord()).add(commit.staleness)
+        return Receipt(self.clock, commit.staleness)
+
+    def read(self, out: Tensor, connection: int | None = None) -> Receipt:
+        """Copy a consistent snapshot of the center into ``out`` (the center the worker on ``connection``, if
+        named, now holds)."""
         with self._entry:
             self._require_initialized()
             receipt = Receipt(self.clock)
             first = self._enter()
-        self._walk(first, lambda span, final: self._hand_out(worker, receipt.clock, out, span, final))
+        self._walk(first, lambda span, final: self._hand_out(connection, receipt.clock, out, span, final))
         return receipt
+
+    def forget(self, connection: int) -> None:
+        """``connection`` closed: free what the algorithm kept for it (the centers it pulled)."""
+        with self._quiesced():
+            if self.algorithm is not None:
+                self.algorithm.server_forget(connection)
 
     def snapshot(self) -> dict | None:
         """Everything needed to restart from here (see :meth:`restore`), or None before initialization."""
@@ -288,10 +413,14 @@ class ServerCore:
                 out.copy_(state)
             return Receipt(self.clock)
 
-    def load_state(self, index: int, values: Tensor) -> bool:
+    def load_state(
+        self, index: int, values: Tensor, layout: Layout | None = None, algorithm_spec: dict | None = None
+    ) -> bool:
         """Restore the algorithm's server-side vector number ``index`` from a checkpoint, before the center is
-        initialized; ignored (returns False) once a center is held, exactly like :meth:`initialize`'s values."""
+        initialized; ignored (returns False) once a center is held, exactly like :meth:`initialize`'s values
+        (``layout`` and ``algorithm_spec`` as there)."""
         with self._quiesced():
+            self._settle(layout, algorithm_spec)
             self._require_layout()
             if self.initialized:
                 return False
@@ -308,12 +437,12 @@ class ServerCore:
                 "workers": {str(rank): record.to_json() for rank, record in sorted(self.workers.items())},
             }
 
-    def _hand_out(self, worker: int | None, clock: int, out: Tensor, span: slice, final: bool) -> None:
-        """Copy one shard of the center into ``out``; after the final one, tell the algorithm what ``worker`` got
-        (only single-shard algorithms look, so their center is whole then)."""
+    def _hand_out(self, connection: int | None, clock: int, out: Tensor, span: slice, final: bool) -> None:
+        """Copy one shard of the center into ``out``; after the final one, tell the algorithm what the worker on
+        ``connection`` got (only single-shard algorithms look, so their center is whole then)."""
         out[span].copy_(self.center[span])
-        if final and worker is not None:
-            self.algorithm.server_pulled(worker, clock, self.center[: self.layout.trainable])
+        if final and connection is not None:
+            self.algorithm.server_pulled(connection, clock, self.center[: self.layout.trainable])
 
     def _enter(self) -> threading.Lock:
         """Take the first shard's lock (the caller holds the entry lock, so the pipeline's order is kept)."""
@@ -345,10 +474,21 @@ class ServerCore:
     @contextlib.contextmanager
     def _quiesced(self):
         """Hold the whole center: no commit or pull enters, and those in flight have left every shard."""
-        with self._entry, contextlib.ExitStack() as stack:
+        with self._entry, self._all_shards():
+            yield
+
+    @contextlib.contextmanager
+    def _all_shards(self):
+        """Take every shard's lock (the caller holds the entry lock), once commits in flight have left them."""
+        with contextlib.ExitStack() as stack:
             for lock in self._locks:  # in walk order: a commit in flight holds one and waits for the next
                 stack.enter_context(lock)
             yield
+
+    def _overflowed(self) -> str:
+        """Why a change that would make the center overflow its dtype was refused."""
+        limit = torch.finfo(self.center.dtype).max
+        return OVERFLOWED.format(dtype=str(self.center.dtype).removeprefix("torch."), limit=limit)
 
     def _remember_base(self, trainable: Tensor, clock: int) -> None:
         if self._base is None:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 from lightning_adag import auth
 from lightning_adag.transports import TRANSPORTS
@@ -56,11 +57,13 @@ class ServerProcess:
         where: str | None = None,
         log_level: str = "WARNING",
         options: Sequence[str] = (),
+        stderr: int | IO | None = None,
     ) -> ServerProcess:
         """Start the process, listening for ``transport``'s workers at ``where`` (an address in that transport's
         terms: a socket path for shm, ``host:port`` for tcp, port 0 picking a free one; by default a new one of
         this machine). It imports and binds in the background until :meth:`wait_ready`. ``options`` are more
-        ``adag-server`` command-line options (``"--shard-mib", "64"``)."""
+        ``adag-server`` command-line options (``"--shard-mib", "64"``); ``stderr``, where its log goes (by default,
+        this process's stderr)."""
         where = where or TRANSPORTS[transport].listener.default_where()
         lifeline_read, lifeline_write = os.pipe()
         ready_read, ready_write = os.pipe()
@@ -81,6 +84,7 @@ class ServerProcess:
                 pass_fds=(lifeline_read, ready_write),
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
+                stderr=stderr,
             )
         except BaseException:
             os.close(lifeline_write)
@@ -125,7 +129,7 @@ class ServerProcess:
                     code,
                     self.address,
                 )
-                TRANSPORTS[self._transport].listener.clean_up(self._where)
+                TRANSPORTS[self._transport].listener.clean_up(self._where, self.pid)
                 replacement = self._relaunch(where=self.address)  # the address bound, should port 0 have been asked
             try:
                 replacement.wait_ready()
@@ -157,7 +161,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        TRANSPORTS[self._transport].listener.clean_up(self._where)
+        TRANSPORTS[self._transport].listener.clean_up(self._where, self.process.pid)
 
 
 def start_parts(

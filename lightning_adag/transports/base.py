@@ -8,8 +8,11 @@ up after a server that was killed.
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,12 +56,7 @@ class Client:
         # One request at a time on the connection: a data loader may ask for samples while an overlapped
         # exchange is in flight on another thread.
         self._one_request = threading.Lock()
-        self._sock = self._connect(address, timeout)
-        try:
-            self._introduce(rank, layout, algorithm_spec, key)
-        except BaseException:
-            self._sock.close()
-            raise
+        self._join_when_not_busy(timeout, lambda: self._introduce(rank, layout, algorithm_spec, key))
 
     def initialize(self, clock: int) -> Receipt:
         """Offer the mailbox as the initial center at ``clock``; a server that holds a center keeps it. Either
@@ -140,9 +138,34 @@ class Client:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------- helpers
+    def _join_when_not_busy(self, timeout: float, introduce: Callable[[], None]) -> None:
+        """Connect and ``introduce`` this worker; while the server turns it away as busy (too many peers joining at
+        once), try again after a growing, jittered pause, for up to ``timeout`` seconds in all."""
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            try:
+                self._sock = self._connect(self.address, timeout)
+                try:
+                    introduce()
+                except BaseException:
+                    self._sock.close()
+                    raise
+                return
+            except wire.ServerBusyError as err:
+                if time.monotonic() + delay > deadline:
+                    raise wire.ServerBusyError(
+                        f"the parameter server at {self.address} stayed busy for {timeout:.0f} s (server_timeout):"
+                        f" {err}. Raise server_timeout, or the server's --max-handshakes"
+                    ) from err
+            time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: workers turned away together come back apart
+            delay = min(delay * 2, 2.0)
+
     def _introduce(self, rank: int, layout: Layout, algorithm_spec: dict, key: bytes) -> None:
         try:
             auth.answer(self._sock, key)
+        except wire.ServerBusyError:
+            raise
         except (EOFError, OSError) as err:
             raise self._gone("its key", err) from err
         hello = {"rank": rank, "layout": layout.to_json(), "algorithm": algorithm_spec}
@@ -198,6 +221,7 @@ class Client:
                 frame = wire.recv(self._sock)
         except (EOFError, OSError) as err:
             raise self._gone(kind.name, err) from err
+        wire.check_not_busy(frame)
         if frame.kind is not expect:
             raise self._unexpected(kind, frame, expect)
         return frame
@@ -268,8 +292,9 @@ class Listener:
         raise NotImplementedError
 
     @staticmethod
-    def clean_up(where: str) -> None:
-        """Remove what a server listening at ``where`` leaves behind when it is killed before it can."""
+    def clean_up(where: str, pid: int) -> None:
+        """Remove what the server process ``pid``, told to listen at ``where``, leaves behind when it is killed
+        before it can; never what another process made there (a live server at the same address)."""
 
 
 @dataclass(frozen=True)

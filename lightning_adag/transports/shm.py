@@ -84,6 +84,9 @@ class ShmClient(Client):
         sock.settimeout(timeout)
         try:
             sock.connect(address)
+        except BlockingIOError as err:  # the listening socket's queue is full: the server is busy accepting
+            sock.close()
+            raise wire.ServerBusyError(f"its queue of connections is full ({err})") from err
         except OSError as err:
             sock.close()
             raise wire.ServerGoneError(f"cannot reach the parameter server at {address}: {err}") from err
@@ -175,9 +178,9 @@ class ShmListener(Listener):
         return str(Path(tempfile.gettempdir(), f"adag-{os.getpid()}-{secrets.token_hex(4)}.sock"))
 
     @staticmethod
-    def clean_up(where: str) -> None:
-        unlink_quietly(Path(where))
-        remove_segments(Path(where).stem)
+    def clean_up(where: str, pid: int) -> None:
+        _remove_if_stale(Path(where))
+        remove_segments(f"{Path(where).stem}-{pid}")
 
 
 def _remove_if_stale(path: Path) -> None:
@@ -185,6 +188,7 @@ def _remove_if_stale(path: Path) -> None:
     if not path.is_socket():
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)  # a live server with a full queue answers EAGAIN at once: it is left alone
     try:
         probe.connect(str(path))
     except ConnectionRefusedError:
