@@ -19,9 +19,10 @@ def epoch_order(epoch: int, seed: int = 0) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_slow_worker_trains_less_and_every_sample_of_an_epoch_is_trained_once(script):
+def test_a_slow_worker_trains_less_every_sample_is_trained_once_and_a_mid_epoch_resume_continues_exactly(script):
     slow = ("--slow-rank", "1", "--slow-sleep", "0.03")  # rank 1 sleeps 30 ms a step
-    code = script.run("train.py", "--epochs", "2", "--window", "2", "--val-check-interval", "0.5", *slow)
+    every_half = ("--window", "2", "--val-check-interval", "0.5", "--save-at-validation")
+    code = script.run("train.py", "--epochs", "2", *every_half, *slow)
     assert code == 0, script.output()
     fast, slow = (script.results()[rank] for rank in (0, 1))
     for epoch in ("0", "1"):
@@ -33,13 +34,7 @@ def test_a_slow_worker_trains_less_and_every_sample_of_an_epoch_is_trained_once(
     assert fast["metrics"]["adag/samples"] > slow["metrics"]["adag/samples"] > 0
     assert fast["sampler"][0] == "DynamicSampler"
 
-
-@pytest.mark.slow
-def test_a_run_resumed_at_a_mid_epoch_validation_neither_repeats_nor_skips_a_sample(script):
-    code = script.run(
-        "train.py", "--epochs", "1", "--window", "2", "--val-check-interval", "0.5", "--save-at-validation"
-    )
-    assert code == 0, script.output()
+    # resumed from the checkpoint of the first, mid-epoch validation: neither repeats nor skips a sample
     saved = (script.out / "ckpt").glob("epoch=0-*.ckpt")
     first = min(saved, key=lambda path: int(path.name.split("step=")[1].split("-")[0]))
     position = torch.load(first, weights_only=True)["adag"]["data"]
