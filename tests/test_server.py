@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -64,11 +65,12 @@ def assert_unchanged(before: tuple[torch.Tensor, int], after: tuple[torch.Tensor
     assert torch.equal(after[0].view(torch.int32), before[0].view(torch.int32))
 
 
-@pytest.fixture(scope="module", params=["shm", "tcp"])
-def server(request):
+@contextlib.contextmanager
+def initialized_server(transport: str, algorithm: dict = ADAG):
+    """A server whose center starts as 0..9, checked on exit to have stopped cleanly and left nothing behind."""
     before = adag_leftovers()
-    with running_server(request.param, KEY, THREE_SHARDS) as process:
-        server = Server(request.param, process)
+    with running_server(transport, KEY, THREE_SHARDS) as process:
+        server = Server(transport, process, algorithm)
         first = server.connect()
         first.mailbox.copy_(torch.arange(10, dtype=torch.float32))
         first.initialize(0)
@@ -76,6 +78,12 @@ def server(request):
         first.close()
     assert server.process.process.returncode == 0
     assert not adag_leftovers() - before
+
+
+@pytest.fixture(scope="module", params=["shm", "tcp"])
+def server(request):
+    with initialized_server(request.param) as server:
+        yield server
 
 
 def test_commit_then_pull(server):
@@ -324,16 +332,8 @@ def test_every_request_kind_is_answered_after_a_real_handshake_and_the_rest_are_
 def fuzzed_server(request):
     """A server of its own for requests whose valid commits move the center, running ADAG with an outer
     optimizer: it keeps a server-side state vector that GET_STATE and PUT_STATE reach."""
-    before = adag_leftovers()
-    with running_server(request.param, KEY, THREE_SHARDS) as process:
-        server = Server(request.param, process, {"name": "adag", "outer_momentum": 0.5, "outer_lr": 1.0})
-        first = server.connect()
-        first.mailbox.copy_(torch.arange(10, dtype=torch.float32))
-        first.initialize(0)
+    with initialized_server(request.param, {"name": "adag", "outer_momentum": 0.5, "outer_lr": 1.0}) as server:
         yield server
-        first.close()
-    assert server.process.process.returncode == 0
-    assert not adag_leftovers() - before
 
 
 int64s = st.integers(-(2**63), 2**63 - 1)
